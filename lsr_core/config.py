@@ -1,0 +1,348 @@
+"""Typed experiment config: YAML (safe_load) over dataclass defaults, one level of `base:`, dotted CLI overrides.
+
+    cfg = load_config(["--cfg", "yamls/demo.yaml", "--train.lr=1e-4", "--exp.name=try2"])
+
+Every script reads the same `Config` (one section per pipeline stage), so the resolved `config.yaml` that one step
+writes next to its output is a valid `--cfg` for the next step. Unknown keys, wrong types and out-of-range values raise
+`ConfigError` naming the key (and the file), with a did-you-mean suggestion.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the key and where it came from."""
+
+
+@dataclass
+class ExpConfig:
+    name: str = "default"
+    output_dir: str = ""  # default: runs/<name>
+    seed: int = 42
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = ""  # local folder, hub name, or a folder saved by train.py (lsr_config.json inside)
+    kind: str = "auto"  # auto | encoder | decoder | encoder_decoder
+    query_head: str = "mlm"  # mlm | mlp
+    doc_head: str = "mlm"  # mlm | mlp
+    shared: bool = True  # one backbone for queries and documents; False = two copies (asymmetric training)
+    pooling: str = "max"  # max | sum over positions
+    decoding: str = "multi_token"  # encoder_decoder only: multi_token | single_token
+    bidirectional: bool = False  # decoder only: replace the causal mask by a full one
+    echo: bool = False  # decoder only: feed the text twice, read logits on the second copy
+    drop_bos: bool = False  # decoder only: do not pool the first position (attention sink)
+    query_prefix: str = ""
+    doc_prefix: str = ""
+    max_query_len: int = 32
+    max_doc_len: int = 256
+    gguf_file: str = ""
+    trust_remote_code: bool = False
+    dtype: str = "float32"  # float32 | bfloat16 | float16: weights when loading for inference
+    head_chunk: int = 0  # positions per chunk in the MLM head; 0 = automatic
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: list = field(default_factory=lambda: ["all-linear"])
+    quantization: str = "none"  # none | 4bit | 8bit (QLoRA, needs bitsandbytes + CUDA)
+    gradient_checkpointing: bool = False
+    attn_implementation: str = ""  # "" = transformers default (sdpa)
+
+
+@dataclass
+class DataConfig:
+    format: str = "jsonl"  # jsonl | msmarco
+    train_file: str = ""  # jsonl: {"qid","pos","negs",["scores"]} or {"query","pos","negs"} with texts
+    corpus: str = ""  # jsonl/tsv: id, text
+    queries: str = ""  # jsonl/tsv: id, text
+    qrels: str = ""  # TREC qrels
+    teacher_scores: str = ""  # msmarco: pickle.gz / json(.gz) {qid: {pid: score}}
+    n_negatives: int = 1
+    max_examples: int = 0  # 0 = all
+
+
+@dataclass
+class TrainConfig:
+    loss: str = "margin_mse"  # margin_mse | kl | infonce
+    temperature: float = 1.0  # infonce / kl
+    in_batch_negatives: bool = True  # infonce
+    cross_device_negatives: bool = True  # infonce under DDP
+    q_reg: str = "flops"  # flops | l1 | none
+    d_reg: str = "flops"
+    q_reg_weight: float = 0.0
+    d_reg_weight: float = 0.0
+    reg_warmup_steps: int = 0  # quadratic warm-up of regularizer weights, in optimizer steps
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    optimizer: str = "adamw"  # adamw | adamw_8bit
+    scheduler: str = "linear"  # linear | cosine | constant
+    warmup_steps: int = 0
+    batch_size: int = 8  # per device
+    grad_accum: int = 1
+    max_steps: int = 100  # optimizer steps
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    save_every: int = 0  # optimizer steps between save_state; 0 = only at the end
+    keep_checkpoints: int = 2
+    resume: str = ""  # "" | auto | path to a checkpoint folder
+    tracker: str = "none"  # none | tensorboard | wandb
+    log_every: int = 10
+    num_workers: int = 0
+    deepspeed: str = ""  # path to a DeepSpeed json (or use an accelerate config)
+    stop_after: int = 0  # testing aid: exit (as if killed) after this many optimizer steps
+
+
+@dataclass
+class EncodeConfig:
+    input: str = ""  # jsonl/tsv (id, text), or a HF datasets file
+    output: str = ""  # default: <output_dir>/encode/<input kind>
+    kind: str = "doc"  # doc | query
+    batch_size: int = 32
+    topk: int = 0  # keep the k largest weights; 0 = all
+    threshold: float = 0.0  # drop weights <= threshold
+    quant_scale: float = 0.0  # >0: integer weights round(w * scale)
+    shard_size: int = 0  # docs per shard; 0 = one shard per process
+
+
+@dataclass
+class IndexConfig:
+    engine: str = "exact"  # exact | qdrant-edge | seismic | milvus
+    input: str = ""  # folder of encoded documents
+    output: str = ""  # default: <output_dir>/index/<engine>
+    seismic_n_postings: int = 1000
+    seismic_centroid_fraction: float = 0.1
+    seismic_summary_energy: float = 0.4
+    milvus_uri: str = ""  # "" = milvus-lite file inside the index folder
+    milvus_algo: str = "TAAT_NAIVE"
+
+
+@dataclass
+class SearchConfig:
+    engine: str = ""  # default: the engine recorded in the index
+    index: str = ""
+    queries: str = ""  # folder of encoded queries
+    output: str = ""  # default: <output_dir>/search/<name>.trec
+    name: str = ""  # run tag; default: <exp.name>
+    topk: int = 1000
+    threads: int = 1
+    seismic_query_cut: int = 10
+    seismic_heap_factor: float = 0.7
+
+
+@dataclass
+class EvalConfig:
+    qrels: str = ""
+    runs: list = field(default_factory=list)
+    metrics: list = field(default_factory=lambda: ["mrr@10", "ndcg@10", "recall@100", "recall@1000"])
+    output: str = ""  # default: <output_dir>/eval
+    plot: bool = False
+
+
+@dataclass
+class ZeroShotConfig:
+    query_template: str = "Query: {text}\nUse one word to represent the query in a retrieval task. Make sure your word is in lowercase.\nThe word is: \""
+    doc_template: str = "Passage: {text}\nUse one word to represent the passage in a retrieval task. Make sure your word is in lowercase.\nThe word is: \""
+    use_chat_template: bool = True
+    steps: int = 1  # greedy steps whose logits are max-aggregated
+    in_text_only: bool = True
+    query_topk: int = 1000
+    doc_topk: int = 128
+    emit_dense: bool = False
+
+
+@dataclass
+class Config:
+    exp: ExpConfig = field(default_factory=ExpConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.exp.output_dir or os.path.join("runs", self.exp.name))
+
+
+CHOICES = {
+    "model.kind": ["auto", "encoder", "decoder", "encoder_decoder"],
+    "model.query_head": ["mlm", "mlp"],
+    "model.doc_head": ["mlm", "mlp"],
+    "model.pooling": ["max", "sum"],
+    "model.decoding": ["multi_token", "single_token"],
+    "model.dtype": ["float32", "bfloat16", "float16"],
+    "model.quantization": ["none", "4bit", "8bit"],
+    "data.format": ["jsonl", "msmarco"],
+    "train.loss": ["margin_mse", "kl", "infonce"],
+    "train.q_reg": ["flops", "l1", "none"],
+    "train.d_reg": ["flops", "l1", "none"],
+    "train.optimizer": ["adamw", "adamw_8bit"],
+    "train.scheduler": ["linear", "cosine", "constant"],
+    "train.mixed_precision": ["no", "bf16", "fp16"],
+    "train.tracker": ["none", "tensorboard", "wandb"],
+    "encode.kind": ["doc", "query"],
+    "index.engine": ["exact", "qdrant-edge", "seismic", "milvus"],
+    "search.engine": ["", "exact", "qdrant-edge", "seismic", "milvus"],
+}
+POSITIVE = {"model.max_query_len", "model.max_doc_len", "train.batch_size", "train.grad_accum", "train.max_steps",
+            "encode.batch_size", "search.topk", "search.threads", "zeroshot.steps", "data.n_negatives"}
+NON_NEGATIVE = {"train.lr", "train.weight_decay", "train.warmup_steps", "train.q_reg_weight", "train.d_reg_weight",
+                "train.reg_warmup_steps", "train.save_every", "encode.topk", "encode.quant_scale",
+                "zeroshot.query_topk", "zeroshot.doc_topk", "model.head_chunk", "train.stop_after"}
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(value, typ, key: str, where: str):
+    """Check (and for CLI strings, parse) one value against its dataclass field type."""
+    origin = typing.get_origin(typ) or typ
+    if isinstance(typ, str):  # postponed annotations
+        origin = {"str": str, "int": int, "float": float, "bool": bool, "list": list}[typ]
+    if origin is bool:
+        if isinstance(value, bool):
+            return value
+    elif origin is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif origin is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif origin is str:
+        if isinstance(value, str):
+            return value
+        if value is None:
+            return ""
+    elif origin is list:
+        if isinstance(value, list):
+            return value
+        if isinstance(value, str):
+            return [v for v in value.split(",") if v]
+    raise ConfigError(f"{where}: '{key}' must be {origin.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _merge(cfg: Config, data: dict, where: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: top level must be a mapping of sections, got {type(data).__name__}")
+    sections = {f.name: f for f in dataclasses.fields(cfg)}
+    for sec_name, values in data.items():
+        if sec_name not in sections:
+            raise ConfigError(f"{where}: unknown section '{sec_name}'{_suggest(sec_name, sections)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: section '{sec_name}' must be a mapping")
+        section = getattr(cfg, sec_name)
+        hints = typing.get_type_hints(type(section))
+        for key, value in values.items():
+            dotted = f"{sec_name}.{key}"
+            if key not in hints:
+                raise ConfigError(f"{where}: unknown key '{dotted}'{_suggest(key, hints)}")
+            setattr(section, key, _coerce(value, hints[key], dotted, where))
+
+
+def _read_yaml(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return data
+
+
+def _parse_cli_value(raw: str):
+    """CLI values are YAML scalars (`1e-4`, `true`, `[a, b]`); bare strings stay strings."""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    return raw if value is None and raw != "" else value
+
+
+def validate(cfg: Config) -> None:
+    for dotted, options in CHOICES.items():
+        sec, key = dotted.split(".")
+        value = getattr(getattr(cfg, sec), key)
+        if value not in options:
+            raise ConfigError(f"'{dotted}' must be one of {options}, got {value!r}{_suggest(str(value), options)}")
+    for dotted in POSITIVE | NON_NEGATIVE:
+        sec, key = dotted.split(".")
+        value = getattr(getattr(cfg, sec), key)
+        if dotted in POSITIVE and value <= 0:
+            raise ConfigError(f"'{dotted}' must be > 0, got {value!r}")
+        if value < 0:
+            raise ConfigError(f"'{dotted}' must be >= 0, got {value!r}")
+    if cfg.train.temperature <= 0:
+        raise ConfigError(f"'train.temperature' must be > 0, got {cfg.train.temperature!r}")
+
+
+def load_config(argv: list[str] | None = None) -> Config:
+    """`--cfg FILE` (optional, first) then `--section.key=value` overrides, applied in order."""
+    argv = list(argv or [])
+    cfg = Config()
+    if "--cfg" in argv:
+        i = argv.index("--cfg")
+        if i + 1 >= len(argv):
+            raise ConfigError("--cfg needs a file path")
+        path = argv.pop(i + 1)
+        argv.pop(i)
+        data = _read_yaml(path)
+        base = data.pop("base", None)
+        if base:
+            base_path = str(Path(path).parent / base) if not Path(base).is_absolute() else base
+            base_data = _read_yaml(base_path)
+            if "base" in base_data:
+                raise ConfigError(f"{base_path}: only one level of 'base:' is allowed")
+            _merge(cfg, base_data, base_path)
+        _merge(cfg, data, path)
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"bad argument {arg!r}: expected --section.key=value")
+        dotted, raw = arg[2:].split("=", 1)
+        sec, _, key = dotted.partition(".")
+        _merge(cfg, {sec: {key: _parse_cli_value(raw)}}, "command line")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(cfg: Config, sections=("model",)) -> str:
+    """Short hash of the sections that determine the vectors (recorded in meta.json)."""
+    blob = json.dumps({s: dataclasses.asdict(getattr(cfg, s)) for s in sections}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def save_config(cfg: Config, folder: str | Path) -> Path:
+    """Write the resolved config atomically as <folder>/config.yaml."""
+    from lsr_core.utils import atomic_write_text
+
+    path = Path(folder) / "config.yaml"
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return path

@@ -1,0 +1,199 @@
+"""Sparse vectors: the one top-k/threshold/quantise function, and the one shard writer/reader.
+
+On disk (DESIGN §5), compatible with Anserini's JsonVectorCollection and Seismic's JSON input:
+    <folder>/part-00000.jsonl.gz   one object a line: {"id": "<docid>", "vector": {"<token>": weight, ...}}
+    <folder>/meta.json             model, config hash, vocab size, count, empty count, nnz mean/p99, scale, FLOPs
+Tokens are the tokenizer's surface strings; weights are floats, or ints `round(w * scale)` when quantised.
+Empty vectors are written as `{}` and counted in meta.json, never replaced by a placeholder token.
+A shard is complete once its file exists (written atomically); a `.tmp` is never read.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from lsr_core.utils import InputError, atomic_write_json
+
+SHARD_PATTERN = "part-*.jsonl.gz"
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.jsonl.gz"
+
+
+def prune(reps: torch.Tensor, topk: int = 0, threshold: float = 0.0):
+    """Sparsify a batch of dense vocabulary vectors.
+
+    reps: [batch, vocab] non-negative. Keeps weights > threshold, and of those the `topk` largest (0 = all).
+    Returns a list (one per row) of (token_ids int64 array, weights float32 array), ids sorted by weight descending.
+    """
+    reps = reps.detach().float()
+    if topk and topk < reps.shape[1]:
+        values, ids = reps.topk(topk, dim=1)
+    else:
+        values, ids = reps.sort(dim=1, descending=True)
+    keep = values > threshold
+    values, ids, keep = values.cpu().numpy(), ids.cpu().numpy(), keep.cpu().numpy()
+    return [(ids[i][keep[i]], values[i][keep[i]]) for i in range(reps.shape[0])]
+
+
+def quantize(weights: np.ndarray, scale: float) -> list:
+    """Float weights -> JSON values: ints round(w*scale) when scale > 0 (zeros dropped by `to_vector`)."""
+    if scale > 0:
+        return [int(v) for v in np.rint(weights * scale)]
+    return [round(float(v), 5) for v in weights]
+
+
+def to_vector(token_ids: np.ndarray, weights: np.ndarray, vocab: list[str], scale: float = 0.0) -> dict:
+    """ids + weights -> {token: weight}; weights that quantise to 0 are dropped."""
+    return {vocab[t]: w for t, w in zip(token_ids.tolist(), quantize(weights, scale)) if w}
+
+
+def id_to_token_list(tokenizer) -> list[str]:
+    """Surface string of every vocabulary id (index = id). Duplicate strings get a `##<id>` suffix so they stay
+    distinguishable after the round trip through text."""
+    vocab_size = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
+    tokens = [f"[unused{i}]" for i in range(vocab_size)]
+    for tok, idx in tokenizer.get_vocab().items():
+        tokens[idx] = tok
+    seen: dict[str, int] = {}
+    for i, tok in enumerate(tokens):
+        if tok in seen:
+            tokens[i] = f"{tok}##{i}"
+        else:
+            seen[tok] = i
+    return tokens
+
+
+class ShardWriter:
+    """Collect vectors for one shard; `close()` writes the shard atomically and returns its stats."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.rows: list[str] = []
+        self.nnz: list[int] = []
+
+    def add(self, rid: str, vector: dict) -> None:
+        self.rows.append(json.dumps({"id": rid, "vector": vector}, ensure_ascii=False))
+        self.nnz.append(len(vector))
+
+    def close(self) -> dict:
+        from lsr_core.utils import atomic_open
+
+        with atomic_open(self.path) as f:
+            for row in self.rows:
+                f.write(row + "\n")
+        return {"count": len(self.rows), "nnz": self.nnz}
+
+
+def list_shards(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: encoded folder not found")
+    shards = sorted(folder.glob(SHARD_PATTERN))
+    if not shards:
+        raise InputError(f"{folder}: no {SHARD_PATTERN} shards")
+    return shards
+
+
+def read_vectors(folder_or_file: str | Path) -> Iterator[tuple[str, dict]]:
+    """Yield (id, {token: weight}) from a shard folder or a single .jsonl(.gz) file.
+
+    A corrupt shard (bad gzip, bad JSON, wrong schema) raises InputError naming file:line.
+    """
+    path = Path(folder_or_file)
+    files = list_shards(path) if path.is_dir() else [path]
+    for file in files:
+        if not file.is_file():
+            raise InputError(f"{file}: file not found")
+        opener = gzip.open if file.suffix == ".gz" else open
+        try:
+            with opener(file, "rt", encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise InputError(f"{file}:{lineno}: corrupt line ({err.msg})") from None
+                    if not isinstance(obj, dict) or "id" not in obj or not isinstance(obj.get("vector"), dict):
+                        raise InputError(f"{file}:{lineno}: expected {{'id': ..., 'vector': {{token: weight}}}}")
+                    yield str(obj["id"]), obj["vector"]
+        except (OSError, EOFError, gzip.BadGzipFile) as err:
+            raise InputError(f"{file}: corrupt shard ({err})") from None
+
+
+def load_vectors(folder_or_file: str | Path) -> tuple[list[str], list[dict]]:
+    """All vectors; duplicate ids are an error."""
+    ids, vecs, seen = [], [], set()
+    for rid, vec in read_vectors(folder_or_file):
+        if rid in seen:
+            raise InputError(f"{folder_or_file}: duplicate id '{rid}'")
+        seen.add(rid)
+        ids.append(rid)
+        vecs.append(vec)
+    return ids, vecs
+
+
+def to_csr(vectors: list[dict], vocab: dict[str, int] | None = None):
+    """List of {token: weight} -> (scipy CSR [n, |vocab|], vocab token->column). Unseen tokens (when `vocab` is
+    given, e.g. query terms absent from the corpus) are dropped: they cannot match anything."""
+    import scipy.sparse as sp
+
+    grow = vocab is None
+    vocab = {} if vocab is None else vocab
+    indptr, indices, data = [0], [], []
+    for vec in vectors:
+        for tok, w in vec.items():
+            col = vocab.get(tok)
+            if col is None:
+                if not grow:
+                    continue
+                col = vocab[tok] = len(vocab)
+            indices.append(col)
+            data.append(float(w))
+        indptr.append(len(indices))
+    mat = sp.csr_matrix((np.asarray(data, np.float32), np.asarray(indices, np.int64), np.asarray(indptr, np.int64)),
+                        shape=(len(vectors), max(len(vocab), 1)))
+    return mat, vocab
+
+
+def nnz_stats(nnz: list[int]) -> dict:
+    arr = np.asarray(nnz, dtype=np.float64)
+    if arr.size == 0:
+        return {"count": 0, "empty": 0, "nnz_mean": 0.0, "nnz_p99": 0.0}
+    return {"count": int(arr.size), "empty": int((arr == 0).sum()), "nnz_mean": float(arr.mean()),
+            "nnz_p99": float(np.percentile(arr, 99))}
+
+
+def flops_estimate(doc_vectors: list[dict], query_vectors: list[dict]) -> float:
+    """Expected multiplications per (query, doc) pair: sum_t p_q(t) * p_d(t) (Formal et al.)."""
+    from collections import Counter
+
+    if not doc_vectors or not query_vectors:
+        return 0.0
+    dcount = Counter(t for v in doc_vectors for t in v)
+    qcount = Counter(t for v in query_vectors for t in v)
+    nd, nq = len(doc_vectors), len(query_vectors)
+    return float(sum(c / nq * dcount.get(t, 0) / nd for t, c in qcount.items()))
+
+
+def write_meta(folder: str | Path, meta: dict) -> None:
+    atomic_write_json(Path(folder) / "meta.json", meta)
+
+
+def read_meta(folder: str | Path) -> dict:
+    path = Path(folder) / "meta.json"
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())
+
+
+def p99(values) -> float:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), 99)) if len(values) else math.nan

@@ -1,0 +1,152 @@
+"""Small shared helpers: atomic writes, text readers with file:line errors, seeding."""
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import random
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+class InputError(ValueError):
+    """Bad input data; the message names the file, the line and the field."""
+
+
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "w"):
+    """Write to a temp file in the same folder, rename over `path` only if the block finishes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if path.suffix == ".gz":
+            f = gzip.open(tmp, mode + ("t" if "b" not in mode else ""), compresslevel=5)
+        else:
+            f = open(tmp, mode)
+        with f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_open(path) as f:
+        f.write(text)
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def open_text(path: str | Path):
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, object); a malformed line raises InputError naming file:line."""
+    with open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InputError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
+            if not isinstance(obj, dict):
+                raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def read_texts(path: str | Path, allow_empty: bool = False) -> Iterator[tuple[str, str]]:
+    """Read (id, text) from JSONL ({"id"|"_id"|"qid"|"docid", "text"|"contents"[, "title"]}) or TSV (id<TAB>text).
+
+    Empty texts are an error unless `allow_empty` (documents may be empty; queries may not).
+    """
+    path = Path(path)
+    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    if name.endswith((".tsv", ".txt")):
+        with open_text(path) as f:
+            for lineno, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
+                if not row:
+                    continue
+                if len(row) < 2:
+                    raise InputError(f"{path}:{lineno}: expected 'id<TAB>text', got {len(row)} field(s)")
+                _check_text(path, lineno, row[0], row[1], allow_empty)
+                yield row[0], row[1]
+        return
+    for lineno, obj in read_jsonl(path):
+        rid = next((obj[k] for k in ("id", "_id", "qid", "docid", "pid") if k in obj), None)
+        if rid is None:
+            raise InputError(f"{path}:{lineno}: missing field 'id'")
+        text = next((obj[k] for k in ("text", "contents", "query") if k in obj), None)
+        if text is None:
+            raise InputError(f"{path}:{lineno}: missing field 'text'")
+        if obj.get("title"):
+            text = f"{obj['title']}: {text}"
+        _check_text(path, lineno, str(rid), text, allow_empty)
+        yield str(rid), text
+
+
+def _check_text(path, lineno, rid, text, allow_empty):
+    if not isinstance(text, str):
+        raise InputError(f"{path}:{lineno}: field 'text' must be a string")
+    if not rid:
+        raise InputError(f"{path}:{lineno}: empty id")
+    if not allow_empty and not text.strip():
+        raise InputError(f"{path}:{lineno}: empty text for id '{rid}'")
+
+
+def load_texts(path: str | Path, allow_empty: bool = False) -> dict[str, str]:
+    """All (id, text) pairs as a dict; duplicate ids are an error."""
+    out: dict[str, str] = {}
+    for rid, text in read_texts(path, allow_empty):
+        if rid in out:
+            raise InputError(f"{path}: duplicate id '{rid}'")
+        out[rid] = text
+    return out
+
+
+def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
+    """TREC qrels: `qid iter docid rel` (4 columns) or `qid docid rel` (3 columns)."""
+    qrels: dict[str, dict[str, int]] = {}
+    with open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) not in (3, 4):
+                raise InputError(f"{path}:{lineno}: expected 'qid 0 docid rel', got {len(parts)} fields")
+            qid, docid, rel = parts[0], parts[-2], parts[-1]
+            try:
+                qrels.setdefault(qid, {})[docid] = int(rel)
+            except ValueError:
+                raise InputError(f"{path}:{lineno}: field 'rel' must be an integer, got {rel!r}") from None
+    return qrels
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def stable_bucket(key: str, salt: str = "split") -> float:
+    """Deterministic pseudo-random number in [0, 1) from a string (for fixed train/dev/test splits)."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
