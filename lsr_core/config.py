@@ -69,6 +69,7 @@ class DataConfig:
     queries: str = ""  # jsonl/tsv: id, text
     qrels: str = ""  # TREC qrels
     teacher_scores: str = ""  # msmarco: pickle.gz / json(.gz) {qid: {pid: score}}
+    trust_pickle: bool = False  # allow loading a .pkl(.gz) teacher file (pickle can run code); else convert to JSON
     n_negatives: int = 1
     max_examples: int = 0  # 0 = all
 
