@@ -39,7 +39,7 @@ class ModelConfig:
     doc_head: str = "mlm"  # mlm | mlp
     shared: bool = True  # one backbone for queries and documents; False = two copies (asymmetric training)
     pooling: str = "max"  # max | sum over positions
-    decoding: str = "multi_token"  # encoder_decoder only: multi_token | single_token
+    decoding: str = "multi_token"  # encoder_decoder only: multi_token | single_token | encoder_only | decoder_only
     bidirectional: bool = False  # decoder only: replace the causal mask by a full one
     echo: bool = False  # decoder only: feed the text twice, read logits on the second copy
     drop_bos: bool = False  # decoder only: do not pool the first position (attention sink)
@@ -185,7 +185,7 @@ CHOICES = {
     "model.query_head": ["mlm", "mlp"],
     "model.doc_head": ["mlm", "mlp"],
     "model.pooling": ["max", "sum"],
-    "model.decoding": ["multi_token", "single_token"],
+    "model.decoding": ["multi_token", "single_token", "encoder_only", "decoder_only"],
     "model.dtype": ["float32", "bfloat16", "float16"],
     "model.quantization": ["none", "4bit", "8bit"],
     "data.format": ["jsonl", "msmarco"],

@@ -1,0 +1,517 @@
+"""Sparse encoders over any transformer backbone (DESIGN §2).
+
+A backbone is one of three kinds, and the kinds differ only in how vocabulary logits are produced:
+
+| kind            | HF class                  | logits read at                                                   |
+|-----------------|---------------------------|------------------------------------------------------------------|
+| encoder         | AutoModelForMaskedLM      | every input position (MLM)                                        |
+| decoder         | AutoModelForCausalLM      | every input position (multi-token); options: bidirectional, echo, drop_bos |
+| encoder_decoder | AutoModelForSeq2SeqLM     | multi_token: decoder fed the shifted input, every step; single_token: one step from the start token; encoder_only: lm_head on encoder states; decoder_only: decoder alone |
+
+Heads: `mlm` (logits -> ReLU -> log1p -> max/sum over pooled positions, with expansion) and `mlp`
+(Linear(hidden, 1) -> ReLU per input token, scattered to its token id, max over repeats; no expansion).
+
+The MLM head never builds [batch, length, vocab] in full: the backbone's output projection (`get_output_embeddings()`)
+is swapped, for the duration of our forward, for `sparse_mlm_pool` — chunked over positions, with a custom backward
+that keeps only the argmax position of each (row, term). Because the swap happens inside the projection module's own
+call, DeepSpeed ZeRO-3 still gathers its weight. `naive_mlm_pool` is the reference the tests compare against.
+
+Saved layout (`SparseModel.save`): `lsr_config.json` + an HF folder at the root (shared) or in `query/` and `doc/`
+(asymmetric), + `mlp_head.safetensors` for MLP heads. LoRA adapters are merged before saving.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+LSR_CONFIG = "lsr_config.json"
+MLP_HEAD = "mlp_head.safetensors"
+DECODINGS = ("multi_token", "single_token", "encoder_only", "decoder_only")
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says what and why."""
+
+
+@dataclass
+class LSRSpec:
+    """What `lsr_config.json` records: everything needed to rebuild the encoder from an HF folder."""
+    kind: str = "encoder"
+    query_head: str = "mlm"
+    doc_head: str = "mlm"
+    shared: bool = True
+    pooling: str = "max"
+    decoding: str = "multi_token"
+    bidirectional: bool = False
+    echo: bool = False
+    drop_bos: bool = False
+    query_prefix: str = ""
+    doc_prefix: str = ""
+    max_query_len: int = 32
+    max_doc_len: int = 256
+    head_chunk: int = 0
+
+    @classmethod
+    def from_model_config(cls, mcfg, kind: str) -> "LSRSpec":
+        return cls(kind=kind, **{f.name: getattr(mcfg, f.name) for f in fields(cls) if f.name != "kind"})
+
+
+# ----------------------------------------------------------------------------------------------------------- heads
+
+def naive_mlm_pool(logits: torch.Tensor, mask: torch.Tensor, pooling: str = "max") -> torch.Tensor:
+    """Reference pooling. logits [B, L, V], mask [B, L] (1 = pool this position) -> reps [B, V]."""
+    acts = torch.log1p(torch.relu(logits.float())) * mask.unsqueeze(-1).float()
+    return acts.amax(dim=1) if pooling == "max" else acts.sum(dim=1)
+
+
+def _auto_chunk(batch: int, vocab: int, length: int) -> int:
+    # ~64M fp32 activations (256 MB) per chunk: large enough to keep the matmul efficient
+    return max(1, min(length, (1 << 26) // max(1, batch * vocab)))
+
+
+class _SparseMLMPool(torch.autograd.Function):
+    """log1p(relu(feats @ W.T + b)) pooled over masked positions, chunked over positions.
+
+    max pooling: forward keeps the running max and its position; backward needs no recomputation because
+    d/dz log1p(relu(z)) = exp(-s) where s = log1p(z) is the stored max (and 0 where s == 0).
+    sum pooling: backward recomputes each chunk's logits.
+    """
+
+    @staticmethod
+    def forward(ctx, feats, weight, bias, mask, pooling, chunk):
+        batch, length, _ = feats.shape
+        vocab = weight.shape[0]
+        chunk = chunk or _auto_chunk(batch, vocab, length)
+        maskf = mask.to(torch.float32)
+        out = feats.new_zeros(batch, vocab, dtype=torch.float32)
+        argmax = torch.zeros(batch, vocab, dtype=torch.long, device=feats.device) if pooling == "max" else None
+        for start in range(0, length, chunk):
+            logits = F.linear(feats[:, start:start + chunk], weight, bias).float()
+            acts = torch.log1p(torch.relu(logits)) * maskf[:, start:start + chunk, None]
+            if pooling == "max":
+                values, pos = acts.max(dim=1)
+                better = values > out
+                out = torch.where(better, values, out)
+                argmax = torch.where(better, pos + start, argmax)
+            else:
+                out += acts.sum(dim=1)
+        ctx.pooling, ctx.chunk, ctx.has_bias = pooling, chunk, bias is not None
+        ctx.save_for_backward(feats, weight, bias, maskf, out if pooling == "max" else None, argmax)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        feats, weight, bias, maskf, out, argmax = ctx.saved_tensors
+        batch, length, _ = feats.shape
+        grad_feats = torch.zeros_like(feats) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        grad_bias = None
+        if ctx.pooling == "max":
+            # gradient w.r.t. the winning logit of each (row, term); zero where the max is 0 (ReLU inactive)
+            grad_logit = grad_out.float() * torch.exp(-out) * (out > 0)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_bias = grad_logit.sum(0)
+        for start in range(0, length, ctx.chunk):
+            stop = min(length, start + ctx.chunk)
+            if ctx.pooling == "max":
+                positions = torch.arange(start, stop, device=feats.device)
+                grad_chunk = (argmax[:, None, :] == positions[None, :, None]) * grad_logit[:, None, :]
+            else:
+                logits = F.linear(feats[:, start:stop], weight, bias).float()
+                grad_chunk = grad_out.float()[:, None, :] * (logits > 0) / (1 + logits.clamp(min=0))
+                grad_chunk = grad_chunk * maskf[:, start:stop, None]
+                if ctx.has_bias and ctx.needs_input_grad[2]:
+                    grad_bias = grad_chunk.sum((0, 1)) if grad_bias is None else grad_bias + grad_chunk.sum((0, 1))
+            grad_chunk = grad_chunk.to(feats.dtype)
+            if grad_feats is not None:
+                grad_feats[:, start:stop] = grad_chunk @ weight
+            if grad_weight is not None:
+                grad_weight += (grad_chunk.flatten(0, 1).T @ feats[:, start:stop].flatten(0, 1)).float()
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(weight.dtype)
+        return grad_feats, grad_weight, grad_bias, None, None, None
+
+
+def sparse_mlm_pool(feats, weight, bias, mask, pooling="max", chunk=0):
+    """Memory-lean MLM head. feats [B, L, H], weight [V, H], bias [V] or None, mask [B, L] -> reps [B, V] float32."""
+    if bias is not None and bias.shape[0] != weight.shape[0]:
+        raise ValueError(f"bias has {bias.shape[0]} entries for a vocabulary of {weight.shape[0]}")
+    return _SparseMLMPool.apply(feats, weight, bias, mask, pooling, chunk)
+
+
+def mlp_pool(token_weights: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """token_weights [B, L] (already ReLU'd), input_ids [B, L], mask [B, L] -> reps [B, V]: max over repeats."""
+    reps = token_weights.new_zeros(input_ids.shape[0], vocab, dtype=torch.float32)
+    weights = token_weights.float() * mask.float()
+    return reps.scatter_reduce(1, input_ids, weights, reduce="amax", include_self=True)
+
+
+@contextlib.contextmanager
+def _projection_swapped(projection: nn.Module, replacement):
+    """Run the backbone with its vocabulary projection's forward replaced (an instance attribute shadows the
+    class method); restored afterwards even on error."""
+    projection.forward = replacement
+    try:
+        yield
+    finally:
+        del projection.forward
+
+
+# -------------------------------------------------------------------------------------------------------- loading
+
+def detect_kind(hf_config) -> str:
+    if getattr(hf_config, "is_encoder_decoder", False):
+        return "encoder_decoder"
+    archs = getattr(hf_config, "architectures", None) or []
+    if any(a.endswith("ForCausalLM") for a in archs):
+        return "decoder"
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if hf_config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "encoder"
+    if hf_config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "decoder"
+    return "encoder"
+
+
+def _auto_class(kind: str):
+    import transformers
+
+    return {"encoder": transformers.AutoModelForMaskedLM, "decoder": transformers.AutoModelForCausalLM,
+            "encoder_decoder": transformers.AutoModelForSeq2SeqLM}[kind]
+
+
+def _offline_hint(name: str) -> str:
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return f"'{name}' is not a local folder and the hub is offline (HF_HUB_OFFLINE=1) with no cached copy"
+    return f"'{name}' is neither a local folder nor a reachable hub model"
+
+
+def load_tokenizer(name: str, gguf_file: str = "", trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
+    except OSError as err:
+        raise ModelLoadError(f"cannot load tokenizer: {_offline_hint(name)} ({str(err).splitlines()[0]})") from None
+    if tok.pad_token_id is None:  # decoder LLMs often ship without a pad token
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def load_backbone(name: str, kind: str = "auto", *, gguf_file: str = "", dtype: str = "float32",
+                  trust_remote_code: bool = False, quantization: str = "none", attn_implementation: str = ""):
+    """Load an HF model for `kind` from a local folder, a hub name, or a GGUF file. Returns (model, kind)."""
+    import transformers
+
+    if gguf_file and not Path(name, gguf_file).is_file() and not Path(gguf_file).is_file():
+        raise ModelLoadError(f"GGUF file not found: {Path(name, gguf_file)}")
+    common = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        common["gguf_file"] = gguf_file
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(name, **common)
+    except OSError as err:
+        raise ModelLoadError(f"cannot load model: {_offline_hint(name)} ({str(err).splitlines()[0]})") from None
+    kind = detect_kind(hf_config) if kind == "auto" else kind
+    kwargs = dict(common, dtype=getattr(torch, dtype))
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if quantization != "none":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"model.quantization={quantization} (QLoRA) needs a CUDA GPU and bitsandbytes")
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=quantization == "4bit", load_in_8bit=quantization == "8bit",
+            bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)
+    try:
+        model = _auto_class(kind).from_pretrained(name, **kwargs)
+    except OSError as err:
+        raise ModelLoadError(f"cannot load model: {_offline_hint(name)} ({str(err).splitlines()[0]})") from None
+    if (Path(name) / "adapter_config.json").is_file():  # a PEFT adapter folder: merge for inference
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, name).merge_and_unload()
+    return model, kind
+
+
+# --------------------------------------------------------------------------------------------------------- model
+
+class SparseEncoder(nn.Module):
+    """One backbone + one head (mlm | mlp). `forward(batch) -> reps [B, V]` (float32, non-negative)."""
+
+    def __init__(self, backbone: nn.Module, spec: LSRSpec, head: str, mlp: nn.Linear | None = None):
+        super().__init__()
+        self.backbone, self.spec, self.head = backbone, spec, head
+        self.vocab_size = backbone.get_output_embeddings().weight.shape[0]
+        hidden = backbone.get_input_embeddings().weight.shape[1]
+        self.mlp = mlp if head == "mlp" else None
+        if head == "mlp" and self.mlp is None:
+            self.mlp = nn.Linear(hidden, 1)
+
+    def _backbone_inputs(self, batch: dict) -> dict:
+        ids, attn = batch["input_ids"], batch["attention_mask"]
+        kind, spec = self.spec.kind, self.spec
+        if kind == "encoder":
+            return {"input_ids": ids, "attention_mask": attn}
+        if kind == "decoder":
+            # explicit positions make left and right padding give the same vectors
+            inputs = {"input_ids": ids, "position_ids": (attn.cumsum(-1) - 1).clamp(min=0)}
+            if spec.bidirectional:
+                dtype = self.backbone.get_input_embeddings().weight.dtype
+                keys = attn[:, None, None, :].bool().expand(-1, 1, ids.shape[1], -1)
+                inputs["attention_mask"] = torch.zeros(keys.shape, dtype=dtype, device=ids.device).masked_fill(
+                    ~keys, torch.finfo(dtype).min)
+            else:
+                inputs["attention_mask"] = attn
+            return inputs
+        # encoder_decoder
+        if spec.decoding == "single_token":
+            start = torch.full((ids.shape[0], 1), self.backbone.config.decoder_start_token_id, device=ids.device)
+            return {"input_ids": ids, "attention_mask": attn, "decoder_input_ids": start}
+        if spec.decoding == "multi_token":
+            dec_ids = self.backbone._shift_right(ids)
+            dec_mask = torch.cat([torch.ones_like(attn[:, :1]), attn[:, :-1]], dim=1)
+            return {"input_ids": ids, "attention_mask": attn, "decoder_input_ids": dec_ids,
+                    "decoder_attention_mask": dec_mask}
+        if spec.decoding == "decoder_only":
+            # the decoder reads the text alone; the encoder sees only an end-of-sequence token
+            eos = torch.full((ids.shape[0], 1), self.backbone.config.eos_token_id, device=ids.device)
+            return {"input_ids": eos, "attention_mask": torch.ones_like(eos),
+                    "decoder_input_ids": self.backbone._shift_right(ids),
+                    "decoder_attention_mask": torch.cat([torch.ones_like(attn[:, :1]), attn[:, :-1]], dim=1)}
+        raise ValueError(f"unknown decoding {spec.decoding!r}")
+
+    def pool_mask(self, batch: dict) -> torch.Tensor:
+        """[B, L'] positions whose logits are pooled (L' = 1 for single-token decoding)."""
+        if self.spec.kind == "encoder_decoder" and self.spec.decoding == "single_token":
+            return torch.ones_like(batch["input_ids"][:, :1])
+        return batch["pool_mask"]
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        projection = self.backbone.get_output_embeddings()
+        mask = self.pool_mask(batch)
+        if self.spec.kind == "encoder_decoder" and self.spec.decoding == "encoder_only":
+            return self._encoder_only(batch, projection, mask)
+        if self.head == "mlm":
+            def pooled(feats):
+                return sparse_mlm_pool(feats, projection.weight, projection.bias, mask, self.spec.pooling,
+                                       self.spec.head_chunk)
+            with _projection_swapped(projection, pooled):
+                return self.backbone(**self._backbone_inputs(batch), use_cache=False).logits
+        # MLP: last hidden state -> one weight per input token; the projection is skipped entirely
+        with _projection_swapped(projection, lambda feats: feats[..., :1]):
+            out = self.backbone(**self._backbone_inputs(batch), use_cache=False, output_hidden_states=True)
+        hidden = out.decoder_hidden_states[-1] if self.spec.kind == "encoder_decoder" else out.hidden_states[-1]
+        token_weights = torch.relu(self.mlp(hidden.to(self.mlp.weight.dtype))).squeeze(-1)
+        return mlp_pool(token_weights, batch["input_ids"], mask, self.vocab_size)
+
+    def _encoder_only(self, batch, projection, mask):
+        hidden = self.backbone.get_encoder()(input_ids=batch["input_ids"],
+                                             attention_mask=batch["attention_mask"]).last_hidden_state
+        if self.head == "mlp":
+            token_weights = torch.relu(self.mlp(hidden.to(self.mlp.weight.dtype))).squeeze(-1)
+            return mlp_pool(token_weights, batch["input_ids"], mask, self.vocab_size)
+        if getattr(self.backbone.config, "tie_word_embeddings", False):  # T5 rescales before a tied lm_head
+            hidden = hidden * self.backbone.config.d_model ** -0.5
+        return sparse_mlm_pool(hidden, projection.weight, projection.bias, mask, self.spec.pooling,
+                               self.spec.head_chunk)
+
+
+class SparseModel(nn.Module):
+    """Query and document encoders (the same object when `spec.shared`) + the tokenizer.
+
+    `forward(q_batch, d_batch) -> (q_reps [B, V], d_reps [D, V])` is what training calls (one module for DDP).
+    """
+
+    def __init__(self, spec: LSRSpec, tokenizer, query_encoder: SparseEncoder, doc_encoder: SparseEncoder):
+        super().__init__()
+        self.spec, self.tokenizer = spec, tokenizer
+        self.doc_encoder = doc_encoder
+        self.query_encoder = doc_encoder if query_encoder is doc_encoder else query_encoder
+
+    @property
+    def vocab_size(self) -> int:
+        return self.doc_encoder.vocab_size
+
+    def forward(self, q_batch: dict, d_batch: dict):
+        return self.query_encoder(q_batch), self.doc_encoder(d_batch)
+
+    def encode(self, texts: list[str], is_query: bool) -> torch.Tensor:
+        """texts -> reps [B, V] on the model's device."""
+        device = next(self.parameters()).device
+        batch = {k: v.to(device) for k, v in self.tokenize(texts, is_query).items()}
+        return (self.query_encoder if is_query else self.doc_encoder)(batch)
+
+    def tokenize(self, texts: list[str], is_query: bool) -> dict:
+        """Tokenize and pad by hand so that echo, prefixes, BOS dropping and padding side are explicit.
+
+        Returns input_ids, attention_mask, pool_mask: [B, L] long tensors.
+        """
+        spec, tok = self.spec, self.tokenizer
+        prefix = spec.query_prefix if is_query else spec.doc_prefix
+        max_len = spec.max_query_len if is_query else spec.max_doc_len
+        encoded = tok([prefix + t for t in texts], truncation=True, max_length=max_len,
+                      return_special_tokens_mask=True)
+        head = spec.query_head if is_query else spec.doc_head
+        rows, pools = [], []
+        for ids, special in zip(encoded["input_ids"], encoded["special_tokens_mask"]):
+            # the MLP head weights input tokens, so special tokens ([CLS], </s>, BOS) get none
+            pool = [0 if (head == "mlp" and s) else 1 for s in special]
+            if spec.kind == "decoder" and spec.drop_bos and ids and ids[0] == tok.bos_token_id:
+                pool[0] = 0
+            if spec.kind == "decoder" and spec.echo:
+                # pool only the second copy: there every position has seen the whole text
+                body = ids[1:] if ids and ids[0] == tok.bos_token_id else ids
+                pool = [0] * len(ids) + [0 if (head == "mlp" and s) else 1 for s in special[len(ids) - len(body):]]
+                ids = ids + body
+            rows.append(ids)
+            pools.append(pool)
+        length = max(len(r) for r in rows)
+        # decoders may pad on either side (positions are explicit); shift-right decoding needs right padding
+        left = tok.padding_side == "left" and spec.kind == "decoder"
+        input_ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), length), dtype=torch.long)
+        pool_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, (ids, pool) in enumerate(zip(rows, pools)):
+            span = slice(length - len(ids), length) if left else slice(0, len(ids))
+            input_ids[i, span] = torch.tensor(ids)
+            attention[i, span] = 1
+            pool_mask[i, span] = torch.tensor(pool)
+        return {"input_ids": input_ids, "attention_mask": attention, "pool_mask": pool_mask}
+
+    # ------------------------------------------------------------------------------------------------ save / load
+    def save(self, folder: str | Path, state_dicts: dict | None = None, save_fn=None) -> None:
+        """Write HF folder(s) + lsr_config.json + MLP heads. `state_dicts` (from accelerator.get_state_dict, e.g.
+        gathered ZeRO-3 weights) maps 'query'/'doc' to full state dicts of the backbones."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        encoders = {"": self.doc_encoder} if self.spec.shared else {"query": self.query_encoder, "doc": self.doc_encoder}
+        heads = {}
+        for role, enc in encoders.items():
+            backbone = _merged(enc.backbone)
+            sub = folder / role if role else folder
+            kwargs = {"safe_serialization": True}
+            if state_dicts is not None:
+                kwargs["state_dict"] = state_dicts[role or "doc"]
+            if save_fn is not None:
+                kwargs["save_function"] = save_fn
+            backbone.save_pretrained(sub, **kwargs)
+            self.tokenizer.save_pretrained(sub)
+            for name, e in (("query", self.query_encoder), ("doc", self.doc_encoder)):
+                if e is enc and e.mlp is not None:
+                    heads[f"{name}.weight"] = e.mlp.weight.detach().float().cpu().contiguous()
+                    heads[f"{name}.bias"] = e.mlp.bias.detach().float().cpu().contiguous()
+        if heads:
+            save_file(heads, str(folder / MLP_HEAD))
+        (folder / LSR_CONFIG).write_text(json.dumps(asdict(self.spec), indent=2) + "\n")
+
+
+def _merged(backbone: nn.Module) -> nn.Module:
+    """A PEFT-wrapped backbone with its LoRA weights merged (a plain HF model otherwise)."""
+    if hasattr(backbone, "merge_and_unload"):
+        return backbone.merge_and_unload()
+    return backbone
+
+
+def build_model(mcfg, training: bool = False) -> SparseModel:
+    """Build a SparseModel from `cfg.model`: a folder saved by `SparseModel.save` (its lsr_config.json decides
+    everything about the heads), or any HF backbone (the model section decides)."""
+    name = mcfg.name_or_path
+    if not name:
+        raise ModelLoadError("model.name_or_path is empty")
+    saved = Path(name) / LSR_CONFIG
+    if saved.is_file():
+        data = json.loads(saved.read_text())
+        unknown = set(data) - {f.name for f in fields(LSRSpec)}
+        if unknown:
+            raise ModelLoadError(f"{saved}: unknown keys {sorted(unknown)}")
+        spec = LSRSpec(**data)
+    else:
+        spec = None
+    load_kw = dict(gguf_file=mcfg.gguf_file, dtype=mcfg.dtype, trust_remote_code=mcfg.trust_remote_code,
+                   quantization=mcfg.quantization, attn_implementation=mcfg.attn_implementation)
+    if spec is not None and not spec.shared:
+        q_backbone, kind = load_backbone(str(Path(name) / "query"), spec.kind, **load_kw)
+        d_backbone, _ = load_backbone(str(Path(name) / "doc"), spec.kind, **load_kw)
+        tokenizer = load_tokenizer(str(Path(name) / "doc"), trust_remote_code=mcfg.trust_remote_code)
+    else:
+        d_backbone, kind = load_backbone(name, spec.kind if spec else mcfg.kind, **load_kw)
+        tokenizer = load_tokenizer(name, mcfg.gguf_file, mcfg.trust_remote_code)
+        q_backbone = d_backbone
+        if spec is None and not mcfg.shared:
+            import copy
+
+            q_backbone = copy.deepcopy(d_backbone)
+    if spec is None:
+        spec = LSRSpec.from_model_config(mcfg, kind)
+    if spec.kind != "encoder_decoder" and spec.decoding != "multi_token":
+        raise ModelLoadError(f"model.decoding={spec.decoding} applies only to encoder_decoder backbones "
+                             f"('{name}' is {spec.kind})")
+    if kind == "decoder" and tokenizer.padding_side not in ("left", "right"):
+        tokenizer.padding_side = "right"
+    if training:
+        q_backbone, d_backbone = _prepare_for_training(mcfg, q_backbone, d_backbone)
+    mlps = _load_mlp_heads(Path(name)) if saved.is_file() else {}
+    doc_encoder = SparseEncoder(d_backbone, spec, spec.doc_head, mlps.get("doc"))
+    if q_backbone is d_backbone and spec.query_head == spec.doc_head:
+        query_encoder = doc_encoder
+    else:
+        query_encoder = SparseEncoder(q_backbone, spec, spec.query_head, mlps.get("query"))
+    return SparseModel(spec, tokenizer, query_encoder, doc_encoder)
+
+
+def _load_mlp_heads(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    path = folder / MLP_HEAD
+    if not path.is_file():
+        return {}
+    tensors = load_file(str(path))
+    heads = {}
+    for role in ("query", "doc"):
+        if f"{role}.weight" in tensors:
+            weight = tensors[f"{role}.weight"]
+            layer = nn.Linear(weight.shape[1], 1)
+            layer.load_state_dict({"weight": weight, "bias": tensors[f"{role}.bias"]})
+            heads[role] = layer
+    return heads
+
+
+def _prepare_for_training(mcfg, q_backbone, d_backbone):
+    """Gradient checkpointing, k-bit preparation and LoRA on each distinct backbone."""
+    out = []
+    for backbone in dict.fromkeys([q_backbone, d_backbone]):  # distinct, in order
+        if mcfg.gradient_checkpointing:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if mcfg.quantization != "none":
+            from peft import prepare_model_for_kbit_training
+
+            backbone = prepare_model_for_kbit_training(backbone, mcfg.gradient_checkpointing)
+        if mcfg.lora or mcfg.quantization != "none":
+            from peft import LoraConfig, get_peft_model
+
+            targets = mcfg.lora_targets[0] if mcfg.lora_targets == ["all-linear"] else mcfg.lora_targets
+            lora = LoraConfig(r=mcfg.lora_r, lora_alpha=mcfg.lora_alpha, lora_dropout=mcfg.lora_dropout,
+                              target_modules=targets)
+            backbone = get_peft_model(backbone, lora)
+            # PEFT freezes everything else; the vocabulary projection must stay reachable for the MLM head
+        out.append(backbone)
+    if q_backbone is d_backbone:
+        return out[0], out[0]
+    return out[0], out[1]
