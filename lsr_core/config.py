@@ -107,14 +107,16 @@ class TrainConfig:
 
 @dataclass
 class EncodeConfig:
-    input: str = ""  # jsonl/tsv (id, text), or a HF datasets file
+    model: str = ""  # default: <output_dir>/final if it exists, else model.name_or_path
+    input: str = ""  # jsonl/tsv (id, text), a HF datasets file (.parquet/.arrow/.csv), or irds:<ir_datasets id>
     output: str = ""  # default: <output_dir>/encode/<input kind>
     kind: str = "doc"  # doc | query
     batch_size: int = 32
     topk: int = 0  # keep the k largest weights; 0 = all
     threshold: float = 0.0  # drop weights <= threshold
     quant_scale: float = 0.0  # >0: integer weights round(w * scale)
-    shard_size: int = 0  # docs per shard; 0 = one shard per process
+    shard_size: int = 0  # texts per shard; 0 = one shard per process
+    flops_docs: str = ""  # kind=query: encoded corpus folder for the FLOPs estimate; default: sibling 'corpus'
 
 
 @dataclass
@@ -126,7 +128,8 @@ class IndexConfig:
     seismic_centroid_fraction: float = 0.1
     seismic_summary_energy: float = 0.4
     milvus_uri: str = ""  # "" = milvus-lite file inside the index folder
-    milvus_algo: str = "TAAT_NAIVE"
+    milvus_algo: str = "TAAT_NAIVE"  # inverted_index_algo: TAAT_NAIVE | DAAT_MAXSCORE | DAAT_WAND
+    milvus_collection: str = "lsr_docs"  # a cluster URI: this collection is replaced by index.py
 
 
 @dataclass
@@ -140,6 +143,7 @@ class SearchConfig:
     threads: int = 1
     seismic_query_cut: int = 10
     seismic_heap_factor: float = 0.7
+    latency_sample: int = 1000  # queries re-run one at a time (1 thread) for ms/query mean/p99; 0 = skip
 
 
 @dataclass
@@ -149,6 +153,8 @@ class EvalConfig:
     metrics: list = field(default_factory=lambda: ["mrr@10", "ndcg@10", "recall@100", "recall@1000"])
     output: str = ""  # default: <output_dir>/eval
     plot: bool = False
+    alpha: float = 0.05  # significance level of the paired t-test against the first run
+    corpus: str = ""  # optional corpus file: warn about (and count) judged doc ids that are not in it
 
 
 @dataclass
@@ -199,12 +205,16 @@ CHOICES = {
     "encode.kind": ["doc", "query"],
     "index.engine": ["exact", "qdrant-edge", "seismic", "milvus"],
     "search.engine": ["", "exact", "qdrant-edge", "seismic", "milvus"],
+    "index.milvus_algo": ["TAAT_NAIVE", "DAAT_MAXSCORE", "DAAT_WAND"],
 }
 POSITIVE = {"model.max_query_len", "model.max_doc_len", "train.batch_size", "train.grad_accum", "train.max_steps",
-            "encode.batch_size", "search.topk", "search.threads", "zeroshot.steps", "data.n_negatives"}
+            "encode.batch_size", "search.topk", "search.threads",
+            "index.seismic_n_postings", "index.seismic_centroid_fraction", "index.seismic_summary_energy",
+            "search.seismic_query_cut", "search.seismic_heap_factor", "zeroshot.steps", "data.n_negatives"}
 NON_NEGATIVE = {"train.lr", "train.weight_decay", "train.warmup_steps", "train.q_reg_weight", "train.d_reg_weight",
                 "train.reg_warmup_steps", "train.save_every", "encode.topk", "encode.quant_scale",
-                "zeroshot.query_topk", "zeroshot.doc_topk", "model.head_chunk", "train.stop_after"}
+                "zeroshot.query_topk", "zeroshot.doc_topk", "model.head_chunk", "train.stop_after",
+                "search.latency_sample"}
 
 
 def _suggest(word: str, options) -> str:

@@ -10,6 +10,7 @@ A backbone is one of three kinds, and the kinds differ only in how vocabulary lo
 
 Heads: `mlm` (logits -> ReLU -> log1p -> max/sum over pooled positions, with expansion) and `mlp`
 (Linear(hidden, 1) -> ReLU per input token, scattered to its token id, max over repeats; no expansion).
+`SparseModel` holds the backbones (one when shared) and heads; `sparse_forward` runs one of them on a batch.
 
 The MLM head never builds [batch, length, vocab] in full: the backbone's output projection (`get_output_embeddings()`)
 is swapped, for the duration of our forward, for `sparse_mlm_pool` — chunked over positions, with a custom backward
@@ -250,111 +251,100 @@ def load_backbone(name: str, kind: str = "auto", *, gguf_file: str = "", dtype: 
 
 # --------------------------------------------------------------------------------------------------------- model
 
-class SparseEncoder(nn.Module):
-    """One backbone + one head (mlm | mlp). `forward(batch) -> reps [B, V]` (float32, non-negative)."""
+def _backbone_inputs(backbone, spec: LSRSpec, batch: dict) -> dict:
+    """The keyword arguments of the backbone's forward for one tokenized batch."""
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    if spec.kind == "encoder":
+        return {"input_ids": ids, "attention_mask": attn}
+    if spec.kind == "decoder":
+        # explicit positions make left and right padding give the same vectors
+        inputs = {"input_ids": ids, "position_ids": (attn.cumsum(-1) - 1).clamp(min=0)}
+        if spec.bidirectional:
+            # a 4D additive mask is used as given: every position sees every non-pad position
+            dtype = backbone.get_input_embeddings().weight.dtype
+            keys = attn[:, None, None, :].bool().expand(-1, 1, ids.shape[1], -1)
+            inputs["attention_mask"] = torch.zeros(keys.shape, dtype=dtype, device=ids.device).masked_fill(
+                ~keys, torch.finfo(dtype).min)
+        else:
+            inputs["attention_mask"] = attn
+        return inputs
+    shifted_mask = torch.cat([torch.ones_like(attn[:, :1]), attn[:, :-1]], dim=1)
+    if spec.decoding == "single_token":
+        start = torch.full((ids.shape[0], 1), backbone.config.decoder_start_token_id, device=ids.device)
+        return {"input_ids": ids, "attention_mask": attn, "decoder_input_ids": start}
+    if spec.decoding == "multi_token":  # teacher-forced copy: step t reads tokens < t and predicts token t
+        return {"input_ids": ids, "attention_mask": attn, "decoder_input_ids": backbone._shift_right(ids),
+                "decoder_attention_mask": shifted_mask}
+    if spec.decoding == "decoder_only":  # the decoder reads the text alone; the encoder sees only EOS
+        eos = torch.full((ids.shape[0], 1), backbone.config.eos_token_id, device=ids.device)
+        return {"input_ids": eos, "attention_mask": torch.ones_like(eos),
+                "decoder_input_ids": backbone._shift_right(ids), "decoder_attention_mask": shifted_mask}
+    raise ValueError(f"unknown decoding {spec.decoding!r}")
 
-    def __init__(self, backbone: nn.Module, spec: LSRSpec, head: str, mlp: nn.Linear | None = None):
-        super().__init__()
-        self.backbone, self.spec, self.head = backbone, spec, head
-        self.vocab_size = backbone.get_output_embeddings().weight.shape[0]
-        hidden = backbone.get_input_embeddings().weight.shape[1]
-        self.mlp = mlp if head == "mlp" else None
-        if head == "mlp" and self.mlp is None:
-            self.mlp = nn.Linear(hidden, 1)
 
-    def _backbone_inputs(self, batch: dict) -> dict:
-        ids, attn = batch["input_ids"], batch["attention_mask"]
-        kind, spec = self.spec.kind, self.spec
-        if kind == "encoder":
-            return {"input_ids": ids, "attention_mask": attn}
-        if kind == "decoder":
-            # explicit positions make left and right padding give the same vectors
-            inputs = {"input_ids": ids, "position_ids": (attn.cumsum(-1) - 1).clamp(min=0)}
-            if spec.bidirectional:
-                dtype = self.backbone.get_input_embeddings().weight.dtype
-                keys = attn[:, None, None, :].bool().expand(-1, 1, ids.shape[1], -1)
-                inputs["attention_mask"] = torch.zeros(keys.shape, dtype=dtype, device=ids.device).masked_fill(
-                    ~keys, torch.finfo(dtype).min)
-            else:
-                inputs["attention_mask"] = attn
-            return inputs
-        # encoder_decoder
-        if spec.decoding == "single_token":
-            start = torch.full((ids.shape[0], 1), self.backbone.config.decoder_start_token_id, device=ids.device)
-            return {"input_ids": ids, "attention_mask": attn, "decoder_input_ids": start}
-        if spec.decoding == "multi_token":
-            dec_ids = self.backbone._shift_right(ids)
-            dec_mask = torch.cat([torch.ones_like(attn[:, :1]), attn[:, :-1]], dim=1)
-            return {"input_ids": ids, "attention_mask": attn, "decoder_input_ids": dec_ids,
-                    "decoder_attention_mask": dec_mask}
-        if spec.decoding == "decoder_only":
-            # the decoder reads the text alone; the encoder sees only an end-of-sequence token
-            eos = torch.full((ids.shape[0], 1), self.backbone.config.eos_token_id, device=ids.device)
-            return {"input_ids": eos, "attention_mask": torch.ones_like(eos),
-                    "decoder_input_ids": self.backbone._shift_right(ids),
-                    "decoder_attention_mask": torch.cat([torch.ones_like(attn[:, :1]), attn[:, :-1]], dim=1)}
-        raise ValueError(f"unknown decoding {spec.decoding!r}")
-
-    def pool_mask(self, batch: dict) -> torch.Tensor:
-        """[B, L'] positions whose logits are pooled (L' = 1 for single-token decoding)."""
-        if self.spec.kind == "encoder_decoder" and self.spec.decoding == "single_token":
-            return torch.ones_like(batch["input_ids"][:, :1])
-        return batch["pool_mask"]
-
-    def forward(self, batch: dict) -> torch.Tensor:
-        projection = self.backbone.get_output_embeddings()
-        mask = self.pool_mask(batch)
-        if self.spec.kind == "encoder_decoder" and self.spec.decoding == "encoder_only":
-            return self._encoder_only(batch, projection, mask)
-        if self.head == "mlm":
-            def pooled(feats):
-                return sparse_mlm_pool(feats, projection.weight, projection.bias, mask, self.spec.pooling,
-                                       self.spec.head_chunk)
-            with _projection_swapped(projection, pooled):
-                return self.backbone(**self._backbone_inputs(batch), use_cache=False).logits
-        # MLP: last hidden state -> one weight per input token; the projection is skipped entirely
-        with _projection_swapped(projection, lambda feats: feats[..., :1]):
-            out = self.backbone(**self._backbone_inputs(batch), use_cache=False, output_hidden_states=True)
-        hidden = out.decoder_hidden_states[-1] if self.spec.kind == "encoder_decoder" else out.hidden_states[-1]
-        token_weights = torch.relu(self.mlp(hidden.to(self.mlp.weight.dtype))).squeeze(-1)
-        return mlp_pool(token_weights, batch["input_ids"], mask, self.vocab_size)
-
-    def _encoder_only(self, batch, projection, mask):
-        hidden = self.backbone.get_encoder()(input_ids=batch["input_ids"],
-                                             attention_mask=batch["attention_mask"]).last_hidden_state
-        if self.head == "mlp":
-            token_weights = torch.relu(self.mlp(hidden.to(self.mlp.weight.dtype))).squeeze(-1)
-            return mlp_pool(token_weights, batch["input_ids"], mask, self.vocab_size)
-        if getattr(self.backbone.config, "tie_word_embeddings", False):  # T5 rescales before a tied lm_head
-            hidden = hidden * self.backbone.config.d_model ** -0.5
-        return sparse_mlm_pool(hidden, projection.weight, projection.bias, mask, self.spec.pooling,
-                               self.spec.head_chunk)
+def sparse_forward(backbone, spec: LSRSpec, head: str, mlp: nn.Linear | None, batch: dict) -> torch.Tensor:
+    """One tokenized batch -> reps [B, V] (float32, non-negative) with the given backbone and head."""
+    projection = backbone.get_output_embeddings()
+    vocab = projection.weight.shape[0]
+    if spec.kind == "encoder_decoder" and spec.decoding == "single_token":
+        mask = torch.ones_like(batch["input_ids"][:, :1])
+    else:
+        mask = batch["pool_mask"]
+    if spec.kind == "encoder_decoder" and spec.decoding == "encoder_only":
+        hidden = backbone.get_encoder()(input_ids=batch["input_ids"],
+                                        attention_mask=batch["attention_mask"]).last_hidden_state
+        if head == "mlp":
+            return mlp_pool(torch.relu(mlp(hidden.to(mlp.weight.dtype))).squeeze(-1), batch["input_ids"], mask, vocab)
+        if getattr(backbone.config, "tie_word_embeddings", False):  # T5 rescales before a tied lm_head
+            hidden = hidden * backbone.config.d_model ** -0.5
+        return sparse_mlm_pool(hidden, projection.weight, projection.bias, mask, spec.pooling, spec.head_chunk)
+    if head == "mlm":
+        def pooled(feats):
+            return sparse_mlm_pool(feats, projection.weight, projection.bias, mask, spec.pooling, spec.head_chunk)
+        with _projection_swapped(projection, pooled):
+            return backbone(**_backbone_inputs(backbone, spec, batch), use_cache=False).logits
+    # MLP: last hidden state -> one weight per input token; the vocabulary projection is skipped entirely
+    with _projection_swapped(projection, lambda feats: feats[..., :1]):
+        out = backbone(**_backbone_inputs(backbone, spec, batch), use_cache=False, output_hidden_states=True)
+    hidden = out.decoder_hidden_states[-1] if spec.kind == "encoder_decoder" else out.hidden_states[-1]
+    return mlp_pool(torch.relu(mlp(hidden.to(mlp.weight.dtype))).squeeze(-1), batch["input_ids"], mask, vocab)
 
 
 class SparseModel(nn.Module):
-    """Query and document encoders (the same object when `spec.shared`) + the tokenizer.
+    """Query and document encoders + the tokenizer. Each parameter is registered once: `query_backbone` exists only
+    for asymmetric (unshared) models, `query_mlp` / `doc_mlp` only for MLP heads.
 
     `forward(q_batch, d_batch) -> (q_reps [B, V], d_reps [D, V])` is what training calls (one module for DDP).
     """
 
-    def __init__(self, spec: LSRSpec, tokenizer, query_encoder: SparseEncoder, doc_encoder: SparseEncoder):
+    def __init__(self, spec: LSRSpec, tokenizer, doc_backbone, query_backbone=None, mlps: dict | None = None):
         super().__init__()
         self.spec, self.tokenizer = spec, tokenizer
-        self.doc_encoder = doc_encoder
-        self.query_encoder = doc_encoder if query_encoder is doc_encoder else query_encoder
+        self.doc_backbone = doc_backbone
+        self.query_backbone = query_backbone if query_backbone is not doc_backbone else None
+        hidden = doc_backbone.get_input_embeddings().weight.shape[1]
+        mlps = mlps or {}
+        self.query_mlp = (mlps.get("query") or nn.Linear(hidden, 1)) if spec.query_head == "mlp" else None
+        self.doc_mlp = (mlps.get("doc") or nn.Linear(hidden, 1)) if spec.doc_head == "mlp" else None
 
     @property
     def vocab_size(self) -> int:
-        return self.doc_encoder.vocab_size
+        return self.doc_backbone.get_output_embeddings().weight.shape[0]
+
+    def encode_batch(self, batch: dict, is_query: bool) -> torch.Tensor:
+        if is_query:
+            backbone = self.query_backbone if self.query_backbone is not None else self.doc_backbone
+            return sparse_forward(backbone, self.spec, self.spec.query_head, self.query_mlp, batch)
+        return sparse_forward(self.doc_backbone, self.spec, self.spec.doc_head, self.doc_mlp, batch)
 
     def forward(self, q_batch: dict, d_batch: dict):
-        return self.query_encoder(q_batch), self.doc_encoder(d_batch)
+        return self.encode_batch(q_batch, True), self.encode_batch(d_batch, False)
 
     def encode(self, texts: list[str], is_query: bool) -> torch.Tensor:
         """texts -> reps [B, V] on the model's device."""
         device = next(self.parameters()).device
         batch = {k: v.to(device) for k, v in self.tokenize(texts, is_query).items()}
-        return (self.query_encoder if is_query else self.doc_encoder)(batch)
+        return self.encode_batch(batch, is_query)
 
     def tokenize(self, texts: list[str], is_query: bool) -> dict:
         """Tokenize and pad by hand so that echo, prefixes, BOS dropping and padding side are explicit.
@@ -401,22 +391,22 @@ class SparseModel(nn.Module):
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        encoders = {"": self.doc_encoder} if self.spec.shared else {"query": self.query_encoder, "doc": self.doc_encoder}
-        heads = {}
-        for role, enc in encoders.items():
-            backbone = _merged(enc.backbone)
+        backbones = {"": self.doc_backbone} if self.query_backbone is None else \
+            {"query": self.query_backbone, "doc": self.doc_backbone}
+        for role, backbone in backbones.items():
             sub = folder / role if role else folder
             kwargs = {"safe_serialization": True}
             if state_dicts is not None:
                 kwargs["state_dict"] = state_dicts[role or "doc"]
             if save_fn is not None:
                 kwargs["save_function"] = save_fn
-            backbone.save_pretrained(sub, **kwargs)
+            _merged(backbone).save_pretrained(sub, **kwargs)
             self.tokenizer.save_pretrained(sub)
-            for name, e in (("query", self.query_encoder), ("doc", self.doc_encoder)):
-                if e is enc and e.mlp is not None:
-                    heads[f"{name}.weight"] = e.mlp.weight.detach().float().cpu().contiguous()
-                    heads[f"{name}.bias"] = e.mlp.bias.detach().float().cpu().contiguous()
+        heads = {}
+        for role, mlp in (("query", self.query_mlp), ("doc", self.doc_mlp)):
+            if mlp is not None:
+                heads[f"{role}.weight"] = mlp.weight.detach().float().cpu().contiguous()
+                heads[f"{role}.bias"] = mlp.bias.detach().float().cpu().contiguous()
         if heads:
             save_file(heads, str(folder / MLP_HEAD))
         (folder / LSR_CONFIG).write_text(json.dumps(asdict(self.spec), indent=2) + "\n")
@@ -468,12 +458,7 @@ def build_model(mcfg, training: bool = False) -> SparseModel:
     if training:
         q_backbone, d_backbone = _prepare_for_training(mcfg, q_backbone, d_backbone)
     mlps = _load_mlp_heads(Path(name)) if saved.is_file() else {}
-    doc_encoder = SparseEncoder(d_backbone, spec, spec.doc_head, mlps.get("doc"))
-    if q_backbone is d_backbone and spec.query_head == spec.doc_head:
-        query_encoder = doc_encoder
-    else:
-        query_encoder = SparseEncoder(q_backbone, spec, spec.query_head, mlps.get("query"))
-    return SparseModel(spec, tokenizer, query_encoder, doc_encoder)
+    return SparseModel(spec, tokenizer, d_backbone, q_backbone, mlps)
 
 
 def _load_mlp_heads(folder: Path) -> dict:

@@ -1,0 +1,166 @@
+"""Encode a corpus or a query set into sparse vectors (DESIGN §5).
+
+    python encode.py --cfg runs/demo/config.yaml --encode.input=data/wiki/corpus.jsonl --encode.kind=doc
+    python encode.py --cfg runs/demo/config.yaml --encode.input=data/wiki/queries.test.jsonl --encode.kind=query
+    accelerate launch --num_processes 4 encode.py --cfg ... --encode.input=...      # one shard per process
+
+Model: `encode.model`, else `<output_dir>/final` when train.py has written it, else `model.name_or_path`.
+Input: JSONL/TSV (id, text), a HF `datasets` file (.parquet/.arrow/.csv with id and text columns), or
+`irds:<ir_datasets id>` (docs for kind=doc, queries for kind=query).
+Output (default `<output_dir>/encode/corpus` or `.../queries`): `part-NNNNN.jsonl.gz` shards of
+{"id", "vector": {token: weight}} and `meta.json` (model, config hash, vocab size, count, empty, nnz mean/p99,
+quantisation scale, FLOPs estimate for queries when the encoded corpus is found).
+Texts are split into shards by position; each process writes its own shards (no gather), and a rerun skips shards
+that already exist, so a killed job resumes without duplicates or gaps. Within a shard texts are encoded in
+length-sorted batches to avoid padding waste, then written in input order.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from tqdm.auto import tqdm
+
+from lsr_core.config import ConfigError, config_hash, load_config, save_config
+from lsr_core.modeling import ModelLoadError, build_model
+from lsr_core.sparse import (ShardWriter, flops_estimate, id_to_token_list, load_vectors, nnz_stats, prune,
+                             read_meta, read_vectors, shard_name, to_vector, write_meta)
+from lsr_core.utils import InputError, read_texts
+
+logger = get_logger(__name__)
+
+
+def read_input(path: str, kind: str) -> tuple[list[str], list[str]]:
+    """(ids, texts) from any supported input; duplicate ids are an error, empty queries too (empty docs are kept)."""
+    allow_empty = kind == "doc"
+    if path.startswith("irds:"):
+        import ir_datasets
+
+        dataset = ir_datasets.load(path[len("irds:"):])
+        rows = ((d.doc_id, getattr(d, "text", "") or getattr(d, "body", "")) for d in dataset.docs_iter()) \
+            if kind == "doc" else ((q.query_id, q.text) for q in dataset.queries_iter())
+    elif path.endswith((".parquet", ".arrow", ".csv")):
+        import datasets
+
+        table = datasets.load_dataset(path.rsplit(".", 1)[-1], data_files=path, split="train")
+        id_col = next((c for c in ("id", "_id", "docid", "qid") if c in table.column_names), None)
+        if id_col is None or "text" not in table.column_names:
+            raise InputError(f"{path}: needs an id column (id/_id/docid/qid) and a 'text' column, "
+                             f"found {table.column_names}")
+        rows = ((str(r[id_col]), r["text"] or "") for r in table)
+    else:
+        rows = read_texts(path, allow_empty=allow_empty)
+    ids, texts, seen = [], [], set()
+    for rid, text in rows:
+        if rid in seen:
+            raise InputError(f"{path}: duplicate id '{rid}'")
+        if not allow_empty and not text.strip():
+            raise InputError(f"{path}: empty query text for id '{rid}'")
+        seen.add(rid)
+        ids.append(rid)
+        texts.append(text)
+    if not ids:
+        raise InputError(f"{path}: no texts")
+    return ids, texts
+
+
+def resolve_model_path(cfg) -> str:
+    if cfg.encode.model:
+        return cfg.encode.model
+    final = cfg.output_dir / "final"
+    return str(final) if (final / "lsr_config.json").is_file() else cfg.model.name_or_path
+
+
+def encode_shard(model, texts: list[str], is_query: bool, batch_size: int, progress):
+    """Yield (positions in `texts`, reps [b, V]) over length-sorted batches; the caller prunes each batch at once,
+    so memory stays flat."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    for start in range(0, len(order), batch_size):
+        positions = order[start:start + batch_size]
+        with torch.inference_mode():
+            reps = model.encode([texts[i] for i in positions], is_query=is_query)
+        progress.update(len(positions))
+        yield positions, reps
+
+
+def main(argv=None) -> Path:
+    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    enc = cfg.encode
+    if not enc.input:
+        raise ConfigError("'encode.input' is empty: give the corpus or queries file")
+    is_query = enc.kind == "query"
+    out = Path(enc.output or cfg.output_dir / "encode" / ("queries" if is_query else "corpus"))
+    ids, texts = read_input(enc.input, enc.kind)
+
+    accelerator = Accelerator()
+    cfg.model.name_or_path = resolve_model_path(cfg)
+    if accelerator.device.type == "cuda" and cfg.model.dtype == "float32":
+        cfg.model.dtype = "bfloat16"  # inference in bf16 on GPU; the head pools in float32
+    model = build_model(cfg.model).to(accelerator.device).eval()
+    vocab = id_to_token_list(model.tokenizer)
+    per_shard = enc.shard_size or math.ceil(len(ids) / accelerator.num_processes)
+    n_shards = math.ceil(len(ids) / per_shard)
+    mine = [s for s in range(accelerator.process_index, n_shards, accelerator.num_processes)
+            if not (out / shard_name(s)).is_file()]
+    out.mkdir(parents=True, exist_ok=True)
+    todo = sum(min(per_shard, len(ids) - s * per_shard) for s in mine)
+    logger.info(f"encoding {len(ids)} {'queries' if is_query else 'documents'} with {cfg.model.name_or_path} into "
+                f"{n_shards} shard(s) on {accelerator.num_processes} process(es); this process: {len(mine)} to do",
+                main_process_only=False)
+    started = time.time()
+    progress = tqdm(total=todo, disable=not accelerator.is_main_process, desc="encode", unit="text")
+    for shard in mine:
+        lo, hi = shard * per_shard, min(len(ids), (shard + 1) * per_shard)
+        vectors: list[dict | None] = [None] * (hi - lo)
+        for positions, reps in encode_shard(model, texts[lo:hi], is_query, enc.batch_size, progress):
+            for pos, (token_ids, weights) in zip(positions, prune(reps, enc.topk, enc.threshold)):
+                vectors[pos] = to_vector(token_ids, weights, vocab, enc.quant_scale)
+        writer = ShardWriter(out / shard_name(shard))
+        for rid, vec in zip(ids[lo:hi], vectors):
+            writer.add(rid, vec)
+        writer.close()  # atomic: the shard exists only once complete
+    progress.close()
+    elapsed = time.time() - started
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        meta = summarize(cfg, out, ids, n_shards, is_query, len(vocab))
+        meta["seconds_last_run"] = round(elapsed, 2)
+        write_meta(out, meta)
+        save_config(cfg, out)
+        rate = todo / elapsed if elapsed > 0 else 0.0
+        print(f"encoded {meta['count']} {'queries' if is_query else 'docs'} ({todo} this run, {rate:.1f}/s) into "
+              f"{out}: nnz mean {meta['nnz_mean']:.1f}, p99 {meta['nnz_p99']:.0f}, empty {meta['empty']}"
+              + (f", FLOPs {meta['flops']:.2f}" if meta.get("flops") is not None else ""))
+    return out
+
+
+def summarize(cfg, out: Path, ids: list[str], n_shards: int, is_query: bool, vocab_size: int) -> dict:
+    """Check the shards hold every id exactly once and gather the stats for meta.json."""
+    expected = set(ids)
+    shard_ids, vectors = load_vectors(out)  # raises on duplicates across shards
+    if set(shard_ids) != expected or len(list(out.glob("part-*.jsonl.gz"))) != n_shards:
+        missing = len(expected - set(shard_ids))
+        raise InputError(f"{out}: shards do not match the input ({missing} ids missing, {len(shard_ids)} written); "
+                         f"the folder holds output of another input or shard size: remove it and re-run")
+    stats = nnz_stats([len(v) for v in vectors])
+    meta = {"model": cfg.model.name_or_path, "config_hash": config_hash(cfg), "kind": cfg.encode.kind,
+            "input": cfg.encode.input, "vocab_size": vocab_size, "shards": n_shards, **stats,
+            "topk": cfg.encode.topk, "threshold": cfg.encode.threshold, "scale": cfg.encode.quant_scale}
+    if is_query:
+        docs = Path(cfg.encode.flops_docs) if cfg.encode.flops_docs else out.parent / "corpus"
+        if (docs / "meta.json").is_file():
+            meta["flops"] = flops_estimate([v for _, v in read_vectors(docs)], vectors)
+            meta["flops_docs"] = str(docs)
+    return meta
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, InputError, ModelLoadError) as err:
+        sys.exit(f"error: {err}")

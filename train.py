@@ -1,0 +1,271 @@
+"""Train a learned sparse retrieval model on any backbone (DESIGN §3).
+
+    python train.py --cfg yamls/tiny/bert_mlm.yaml                       # one process (CPU or one GPU)
+    accelerate launch --num_processes 2 train.py --cfg yamls/x.yaml      # DDP
+    accelerate launch --config_file yamls/accelerate/ds_zero3_4gpu.yaml train.py --cfg yamls/x.yaml   # DeepSpeed
+    python train.py --cfg yamls/x.yaml --train.resume=auto               # continue from the last checkpoint
+
+Inputs: `model.*` (backbone, heads, decoding), `data.*` (training examples: DESIGN §3), `train.*` (loss,
+regularizers, optimisation). Outputs in `runs/<exp.name>/` (or `exp.output_dir`):
+    config.yaml                  the resolved config (a valid --cfg for encode.py and the rest of the chain)
+    checkpoints/step-NNNNNN/     accelerate save_state folders every `train.save_every` optimizer steps
+    final/                       SparseModel.save: HF folder(s) + lsr_config.json (+ mlp_head.safetensors)
+    train_log.jsonl              one line per logged step: step, loss, reg, q/d nnz, lr
+Steps, warm-ups and regularizer schedules count optimizer steps (after gradient accumulation), not micro-batches.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
+from accelerate.logging import get_logger
+from accelerate.utils import DeepSpeedPlugin, set_seed
+from tqdm.auto import tqdm
+
+from lsr_core.config import ConfigError, load_config, save_config
+from lsr_core.data import collate, load_examples
+from lsr_core.losses import LOSSES, NEEDS_TEACHER, REGULARIZERS, RegWeight
+from lsr_core.modeling import ModelLoadError, build_model
+from lsr_core.utils import InputError
+
+logger = get_logger(__name__)
+
+
+class EpochView(torch.utils.data.Dataset):
+    """The examples in a seeded order that changes per epoch; the loader reads it sequentially, so a resumed run
+    can skip exactly the batches already done."""
+
+    def __init__(self, examples, seed: int):
+        self.examples, self.seed = examples, seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        generator = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+        self.order = torch.randperm(len(self.examples), generator=generator).tolist()
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        return self.examples[self.order[i]]
+
+
+def make_accelerator(cfg) -> Accelerator:
+    kwargs = {}
+    if cfg.train.deepspeed:
+        if not Path(cfg.train.deepspeed).is_file():
+            raise ConfigError(f"'train.deepspeed': file not found: {cfg.train.deepspeed}")
+        # single-process DeepSpeed under plain `python` still needs the launcher's variables
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": "29511"}.items():
+            os.environ.setdefault(key, value)
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=cfg.train.deepspeed,
+                                                     gradient_accumulation_steps=cfg.train.grad_accum,
+                                                     gradient_clipping=cfg.train.max_grad_norm)
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]  # CPU DDP
+        kwargs["cpu"] = True
+    return Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, mixed_precision=cfg.train.mixed_precision,
+                       log_with=None if cfg.train.tracker == "none" else cfg.train.tracker,
+                       project_dir=str(cfg.output_dir),
+                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False), **kwargs)
+
+
+def make_optimizer(cfg, model, accelerator):
+    from accelerate.utils import DummyOptim, DummyScheduler
+    from transformers import get_scheduler
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    ds = accelerator.state.deepspeed_plugin
+    ds_config = ds.deepspeed_config if ds is not None else {}
+    if "optimizer" in ds_config:  # the DeepSpeed json owns the optimizer
+        optimizer = DummyOptim(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    elif cfg.train.optimizer == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.AdamW8bit(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    if "scheduler" in ds_config:
+        scheduler = DummyScheduler(optimizer, total_num_steps=cfg.train.max_steps, warmup_num_steps=cfg.train.warmup_steps)
+    else:
+        # accelerate steps a prepared scheduler once per process per optimizer step: scale to match
+        scheduler = get_scheduler(cfg.train.scheduler if cfg.train.scheduler != "constant" else "constant_with_warmup",
+                                  optimizer, num_warmup_steps=cfg.train.warmup_steps * accelerator.num_processes,
+                                  num_training_steps=cfg.train.max_steps * accelerator.num_processes)
+    return optimizer, scheduler
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    done = sorted(p for p in folder.glob("step-*") if (p / "trainer_state.json").is_file())
+    return done[-1] if done else None
+
+
+def save_checkpoint(accelerator, ckpt_dir: Path, step: int, epoch: int, keep: int) -> None:
+    path = ckpt_dir / f"step-{step:06d}"
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        # trainer_state.json is written last: a checkpoint without it is incomplete and ignored on resume
+        (path / "trainer_state.json").write_text(json.dumps({"step": step, "epoch": epoch}))
+        for old in sorted(ckpt_dir.glob("step-*"))[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def main(argv=None) -> Path:
+    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    if cfg.train.loss in NEEDS_TEACHER and not (cfg.data.teacher_scores or cfg.data.format == "jsonl"):
+        raise ConfigError(f"'train.loss={cfg.train.loss}' needs teacher scores ('data.teacher_scores')")
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.exp.seed)
+    out = cfg.output_dir
+    # read and validate everything before writing anything: bad input leaves no half-written run folder
+    examples = load_examples(cfg.data, cfg.data.n_negatives, cfg.exp.seed)
+    if cfg.data.max_examples:
+        examples = examples[:cfg.data.max_examples]
+    if cfg.train.loss in NEEDS_TEACHER and examples[0].scores is None:
+        raise InputError(f"'train.loss={cfg.train.loss}' needs teacher scores, and {cfg.data.train_file} has none")
+    model = build_model(cfg.model, training=True)
+    model.train()
+
+    def collate_tokenized(batch_examples):
+        batch = collate(batch_examples)
+        return {"q": model.tokenize(batch.queries, is_query=True), "d": model.tokenize(batch.docs, is_query=False),
+                "teacher": batch.teacher_scores}
+
+    dataset = EpochView(examples, cfg.exp.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=False, drop_last=True,
+                                         collate_fn=collate_tokenized, num_workers=cfg.train.num_workers)
+    if len(loader) == 0:
+        raise InputError(f"{len(examples)} training examples make no full batch of {cfg.train.batch_size}")
+    optimizer, scheduler = make_optimizer(cfg, model, accelerator)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    q_weight = RegWeight(cfg.train.q_reg_weight, cfg.train.reg_warmup_steps)
+    d_weight = RegWeight(cfg.train.d_reg_weight, cfg.train.reg_warmup_steps)
+    accelerator.register_for_checkpointing(q_weight, d_weight)
+    loss_fn = LOSSES[cfg.train.loss]
+    q_reg, d_reg = REGULARIZERS[cfg.train.q_reg], REGULARIZERS[cfg.train.d_reg]
+
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out)
+    ckpt_dir = out / "checkpoints"
+    step, epoch, skip = 0, 0, 0
+    resume_from = last_checkpoint(ckpt_dir) if cfg.train.resume == "auto" else \
+        (Path(cfg.train.resume) if cfg.train.resume else None)
+    if resume_from is not None:
+        if not (resume_from / "trainer_state.json").is_file():
+            raise InputError(f"'train.resume': {resume_from} is not a complete checkpoint")
+        accelerator.load_state(str(resume_from))
+        state = json.loads((resume_from / "trainer_state.json").read_text())
+        step, epoch = state["step"], state["epoch"]
+        skip = step * cfg.train.grad_accum - epoch * len(loader)  # micro-batches already done in this epoch
+        logger.info(f"resumed from {resume_from} at step {step}", main_process_only=True)
+    if cfg.train.tracker != "none":
+        accelerator.init_trackers(cfg.exp.name, config={k: str(v) for k, v in vars(cfg.train).items()})
+
+    effective = cfg.train.batch_size * accelerator.num_processes * cfg.train.grad_accum
+    logger.info(f"training {cfg.model.name_or_path} ({model_kind(accelerator, model)}) on {len(examples)} examples: "
+                f"{cfg.train.max_steps} steps x effective batch {effective} = {cfg.train.batch_size} per device x "
+                f"{accelerator.num_processes} processes x {cfg.train.grad_accum} accumulation", main_process_only=True)
+    progress = tqdm(total=cfg.train.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
+    log_path, started = out / "train_log.jsonl", time.time()
+    gather = cfg.train.cross_device_negatives and accelerator.num_processes > 1
+    while step < cfg.train.max_steps:
+        dataset.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        skip = 0
+        for batch in batches:
+            with accelerator.accumulate(model):
+                q_reps, d_reps = model(batch["q"], batch["d"])
+                rank_loss = loss_fn(q_reps, d_reps, batch["teacher"], temperature=cfg.train.temperature,
+                                    in_batch=cfg.train.in_batch_negatives, gather=gather)
+                # d_reps holds each positive and negative once, so the document term counts each document once
+                reg = q_weight.weight * q_reg(q_reps) + d_weight.weight * d_reg(d_reps)
+                loss = rank_loss + reg
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            q_weight.step()
+            d_weight.step()
+            progress.update(1)
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                record = {"step": step, "loss": float(rank_loss.detach()), "reg": float(reg),
+                          "q_nnz": float((q_reps > 0).sum(1).float().mean()),
+                          "d_nnz": float((d_reps > 0).sum(1).float().mean()), "lr": scheduler.get_last_lr()[0]}
+                accelerator.log(record, step=step)
+                if accelerator.is_main_process:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                progress.set_postfix(loss=f"{record['loss']:.4f}", d_nnz=f"{record['d_nnz']:.0f}")
+            if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.max_steps:
+                save_checkpoint(accelerator, ckpt_dir, step, epoch, cfg.train.keep_checkpoints)
+            if cfg.train.stop_after and step >= cfg.train.stop_after:
+                progress.close()
+                logger.info(f"stopping at step {step} (train.stop_after)", main_process_only=True)
+                return out
+            if step >= cfg.train.max_steps:
+                break
+        else:
+            epoch += 1
+    progress.close()
+    final = save_final(accelerator, model, out)
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        print(f"trained {step} steps in {time.time() - started:.1f}s; model saved to {final}")
+    return final
+
+
+def model_kind(accelerator, model) -> str:
+    spec = accelerator.unwrap_model(model).spec
+    heads = spec.query_head if spec.query_head == spec.doc_head else f"q{spec.query_head.upper()}-d{spec.doc_head.upper()}"
+    return f"{spec.kind}, {heads}" + (f", {spec.decoding}" if spec.kind == "encoder_decoder" else "")
+
+
+def save_final(accelerator, model, out: Path) -> Path:
+    """Gather full weights (ZeRO-3 shards them) and save into final/ via a temp folder renamed at the end."""
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    full_state = accelerator.get_state_dict(model)  # collective under ZeRO-3: every rank must call it
+    final, tmp = out / "final", out / "final.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        state_dicts = None
+        if accelerator.state.deepspeed_plugin is not None and full_state is not None:
+            state_dicts = split_state_dict(unwrapped, full_state)
+        unwrapped.save(tmp, state_dicts=state_dicts, save_fn=accelerator.save)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def split_state_dict(model, full_state: dict) -> dict:
+    """SparseModel state dict -> {'doc': backbone state, 'query': backbone state} with HF key names."""
+    parts = {}
+    for role, prefix in (("doc", "doc_backbone."), ("query", "query_backbone.")):
+        sub = {k[len(prefix):]: v for k, v in full_state.items() if k.startswith(prefix)}
+        parts[role] = {k.replace("base_model.model.", ""): v for k, v in sub.items()} if sub else None
+    if parts["query"] is None:
+        parts["query"] = parts["doc"]
+    return parts
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, InputError, ModelLoadError) as err:
+        sys.exit(f"error: {err}")
