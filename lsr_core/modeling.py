@@ -75,37 +75,45 @@ def naive_mlm_pool(logits: torch.Tensor, mask: torch.Tensor, pooling: str = "max
     return acts.amax(dim=1) if pooling == "max" else acts.sum(dim=1)
 
 
-def _auto_chunk(batch: int, vocab: int, length: int) -> int:
-    # ~64M fp32 activations (256 MB) per chunk: large enough to keep the matmul efficient
-    return max(1, min(length, (1 << 26) // max(1, batch * vocab)))
+def _auto_chunk(batch: int, vocab: int, length: int, device: torch.device) -> int:
+    # GPU: ~64M logits per chunk keeps the matmul efficient. CPU: ~4M (16 MB) stays under glibc's mmap threshold,
+    # so the buffer is reused instead of page-faulted in afresh for every chunk.
+    budget = 1 << 26 if device.type == "cuda" else 1 << 22
+    return max(1, min(length, budget // max(1, batch * vocab)))
 
 
 class _SparseMLMPool(torch.autograd.Function):
     """log1p(relu(feats @ W.T + b)) pooled over masked positions, chunked over positions.
 
-    max pooling: forward keeps the running max and its position; backward needs no recomputation because
-    d/dz log1p(relu(z)) = exp(-s) where s = log1p(z) is the stored max (and 0 where s == 0).
-    sum pooling: backward recomputes each chunk's logits.
+    max pooling: log1p(relu(.)) is monotonic, so the max is taken on raw logits (masked positions set to 0, which
+    is also relu's floor) and activated once on [B, V]. The backward needs no recomputation: it keeps the argmax
+    position, and d/dz log1p(relu(z)) = exp(-s) where s is the pooled value (0 where s == 0).
+    sum pooling: activations are summed per chunk; the backward recomputes each chunk's logits.
     """
 
     @staticmethod
     def forward(ctx, feats, weight, bias, mask, pooling, chunk):
         batch, length, _ = feats.shape
         vocab = weight.shape[0]
-        chunk = chunk or _auto_chunk(batch, vocab, length)
+        chunk = chunk or _auto_chunk(batch, vocab, length, feats.device)
         maskf = mask.to(torch.float32)
+        keep = mask.bool()
         out = feats.new_zeros(batch, vocab, dtype=torch.float32)
         argmax = torch.zeros(batch, vocab, dtype=torch.long, device=feats.device) if pooling == "max" else None
         for start in range(0, length, chunk):
-            logits = F.linear(feats[:, start:start + chunk], weight, bias).float()
-            acts = torch.log1p(torch.relu(logits)) * maskf[:, start:start + chunk, None]
+            logits = F.linear(feats[:, start:start + chunk], weight, bias)
             if pooling == "max":
-                values, pos = acts.max(dim=1)
+                logits.masked_fill_(~keep[:, start:start + chunk, None], 0)
+                values, pos = logits.max(dim=1)
+                values = values.float()
                 better = values > out
                 out = torch.where(better, values, out)
                 argmax = torch.where(better, pos + start, argmax)
             else:
+                acts = torch.log1p(torch.relu(logits.float())) * maskf[:, start:start + chunk, None]
                 out += acts.sum(dim=1)
+        if pooling == "max":
+            out = torch.log1p(out)  # out >= 0 already: it started at 0
         ctx.pooling, ctx.chunk, ctx.has_bias = pooling, chunk, bias is not None
         ctx.save_for_backward(feats, weight, bias, maskf, out if pooling == "max" else None, argmax)
         return out
