@@ -162,6 +162,8 @@ class ZeroShotConfig:
     query_template: str = "Query: {text}\nUse one word to represent the query in a retrieval task. Make sure your word is in lowercase.\nThe word is: \""
     doc_template: str = "Passage: {text}\nUse one word to represent the passage in a retrieval task. Make sure your word is in lowercase.\nThe word is: \""
     use_chat_template: bool = True
+    system_prompt: str = ""  # chat template only: a system turn; "" = the template's own default
+    answer_prefix: str = ""  # appended after the chat generation prompt (or the plain prompt), e.g. 'The word is: "'
     steps: int = 1  # greedy steps whose logits are max-aggregated
     in_text_only: bool = True
     query_topk: int = 1000
