@@ -135,9 +135,11 @@ def main(argv=None) -> Path:
     model = build_model(cfg.model, training=True)
     model.train()
 
+    tokenize = model.tokenize  # bound now: accelerator.prepare wraps the model (DDP, DeepSpeed) and hides it
+
     def collate_tokenized(batch_examples):
         batch = collate(batch_examples)
-        return {"q": model.tokenize(batch.queries, is_query=True), "d": model.tokenize(batch.docs, is_query=False),
+        return {"q": tokenize(batch.queries, is_query=True), "d": tokenize(batch.docs, is_query=False),
                 "teacher": batch.teacher_scores}
 
     dataset = EpochView(examples, cfg.exp.seed)
