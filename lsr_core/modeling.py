@@ -13,7 +13,7 @@ Heads: `mlm` (logits -> ReLU -> log1p -> max/sum over pooled positions, with exp
 `SparseModel` holds the backbones (one when shared) and heads; `sparse_forward` runs one of them on a batch.
 
 The MLM head never builds [batch, length, vocab] in full: the backbone's output projection (`get_output_embeddings()`)
-is swapped, for the duration of our forward, for `sparse_mlm_pool` — chunked over positions, with a custom backward
+is swapped, for the duration of our forward, for `sparse_mlm_pool` — chunked over the vocabulary, with a custom backward
 that keeps only the argmax position of each (row, term). Because the swap happens inside the projection module's own
 call, DeepSpeed ZeRO-3 still gathers its weight. `naive_mlm_pool` is the reference the tests compare against.
 
@@ -76,86 +76,123 @@ def naive_mlm_pool(logits: torch.Tensor, mask: torch.Tensor, pooling: str = "max
 
 
 def _auto_chunk(batch: int, vocab: int, length: int, device: torch.device) -> int:
-    # GPU: ~64M logits per chunk keeps the matmul efficient. CPU: ~4M (16 MB) stays under glibc's mmap threshold,
-    # so the buffer is reused instead of page-faulted in afresh for every chunk.
+    """Vocabulary rows per chunk of the MLM head. GPU: ~64M float32 logits (256 MB) per chunk keeps the matmul
+    efficient. CPU: ~4M (16 MB) stays under glibc's mmap threshold, so the buffer is reused instead of page-faulted
+    in afresh for every chunk."""
     budget = 1 << 26 if device.type == "cuda" else 1 << 22
-    return max(1, min(length, budget // max(1, batch * vocab)))
+    return max(1, min(vocab, budget // max(1, batch * length)))
+
+
+_MM_OUT_DTYPE = {"ok": True}  # flipped off once if this torch/device lacks mm(..., out_dtype=)
+
+
+def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with a float32 result. On CUDA, bf16/fp16 operands keep the tensor-core rate and accumulate in float32
+    without rounding the product to 16 bits: rounding would create ties among positions and move the argmax (a 10%
+    gradient error at bf16, measured)."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _MM_OUT_DTYPE["ok"]:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE["ok"] = False
+    return (a @ b).float()
 
 
 class _SparseMLMPool(torch.autograd.Function):
-    """log1p(relu(feats @ W.T + b)) pooled over masked positions, chunked over positions.
+    """log1p(relu(feats @ W.T + b)) pooled over masked positions, chunked over the vocabulary.
 
-    max pooling: log1p(relu(.)) is monotonic, so the max is taken on raw logits (masked positions set to 0, which
-    is also relu's floor) and activated once on [B, V]. The backward needs no recomputation: it keeps the argmax
-    position, and d/dz log1p(relu(z)) = exp(-s) where s is the pooled value (0 where s == 0).
+    Vocabulary chunks (not position chunks) make each chunk's pooled value final and let the backward write each
+    slice of grad_W once, so no [V, H] float32 accumulator is needed. Matmuls run in the autocast dtype (else the
+    input dtype) with float32 results.
+    max pooling: log1p(relu(.)) is monotonic and the bias is constant over positions, so the max is taken on the raw
+    product (masked positions set to -inf), then bias and activation are applied once on [B, V]. The backward needs
+    no recomputation: the gradient reaches only the argmax position of each (row, term), with
+    d/dz log1p(relu(z)) = exp(-s) where s is the pooled value (0 where s == 0). It is scattered into a
+    [B, L, chunk] matrix G, then grad_feats += G @ W_chunk and grad_W[chunk] = G^T @ feats.
     sum pooling: activations are summed per chunk; the backward recomputes each chunk's logits.
     """
 
     @staticmethod
     def forward(ctx, feats, weight, bias, mask, pooling, chunk):
-        batch, length, _ = feats.shape
+        batch, length, hidden = feats.shape
         vocab = weight.shape[0]
         chunk = chunk or _auto_chunk(batch, vocab, length, feats.device)
-        maskf = mask.to(torch.float32)
+        dtype = torch.get_autocast_dtype(feats.device.type) if torch.is_autocast_enabled(feats.device.type) \
+            else feats.dtype
+        flat = feats.reshape(batch * length, hidden).to(dtype)
         keep = mask.bool()
-        out = feats.new_zeros(batch, vocab, dtype=torch.float32)
-        argmax = torch.zeros(batch, vocab, dtype=torch.long, device=feats.device) if pooling == "max" else None
-        for start in range(0, length, chunk):
-            logits = F.linear(feats[:, start:start + chunk], weight, bias)
+        padded = not bool(keep.all())
+        out = feats.new_empty(batch, vocab, dtype=torch.float32)
+        argmax = torch.empty(batch, vocab, dtype=torch.long, device=feats.device) if pooling == "max" else None
+        for start in range(0, vocab, chunk):
+            stop = min(vocab, start + chunk)
+            logits = _mm_float32(flat, weight[start:stop].to(dtype).T).view(batch, length, stop - start)
             if pooling == "max":
-                logits.masked_fill_(~keep[:, start:start + chunk, None], 0)
-                values, pos = logits.max(dim=1)
-                values = values.float()
-                better = values > out
-                out = torch.where(better, values, out)
-                argmax = torch.where(better, pos + start, argmax)
+                if padded:
+                    logits.masked_fill_(~keep[:, :, None], float("-inf"))
+                values, argmax[:, start:stop] = logits.max(dim=1)
+                if bias is not None:
+                    values += bias[start:stop].float()
+                out[:, start:stop] = torch.log1p(torch.relu(values))
             else:
-                acts = torch.log1p(torch.relu(logits.float())) * maskf[:, start:start + chunk, None]
-                out += acts.sum(dim=1)
-        if pooling == "max":
-            out = torch.log1p(out)  # out >= 0 already: it started at 0
-        ctx.pooling, ctx.chunk, ctx.has_bias = pooling, chunk, bias is not None
-        ctx.save_for_backward(feats, weight, bias, maskf, out if pooling == "max" else None, argmax)
+                if bias is not None:
+                    logits += bias[start:stop].float()
+                acts = torch.log1p(torch.relu(logits))
+                if padded:
+                    acts.mul_(keep[:, :, None])
+                out[:, start:stop] = acts.sum(dim=1)
+        ctx.pooling, ctx.chunk, ctx.dtype, ctx.padded = pooling, chunk, dtype, padded
+        ctx.save_for_backward(feats, weight, bias, keep, out if pooling == "max" else None, argmax)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        feats, weight, bias, maskf, out, argmax = ctx.saved_tensors
-        batch, length, _ = feats.shape
-        grad_feats = torch.zeros_like(feats) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if ctx.needs_input_grad[1] else None
-        grad_bias = None
+        feats, weight, bias, keep, out, argmax = ctx.saved_tensors
+        batch, length, hidden = feats.shape
+        vocab, dtype = weight.shape[0], ctx.dtype
+        flat = feats.reshape(batch * length, hidden).to(dtype)
+        need_feats, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_flat = torch.zeros(batch * length, hidden, dtype=torch.float32, device=feats.device) \
+            if need_feats else None
+        grad_weight = torch.empty_like(weight) if need_weight else None
+        grad_bias = torch.empty(vocab, dtype=torch.float32, device=weight.device) if need_bias else None
         if ctx.pooling == "max":
             # gradient w.r.t. the winning logit of each (row, term); zero where the max is 0 (ReLU inactive)
             grad_logit = grad_out.float() * torch.exp(-out) * (out > 0)
-            if ctx.has_bias and ctx.needs_input_grad[2]:
+            if grad_bias is not None:
                 grad_bias = grad_logit.sum(0)
-        for start in range(0, length, ctx.chunk):
-            stop = min(length, start + ctx.chunk)
+        for start in range(0, vocab, ctx.chunk):
+            stop = min(vocab, start + ctx.chunk)
+            w_chunk = weight[start:stop].to(dtype)
             if ctx.pooling == "max":
-                positions = torch.arange(start, stop, device=feats.device)
-                grad_chunk = (argmax[:, None, :] == positions[None, :, None]) * grad_logit[:, None, :]
+                grad_chunk = torch.zeros(batch, length, stop - start, dtype=dtype, device=feats.device)
+                grad_chunk.scatter_(1, argmax[:, None, start:stop], grad_logit[:, None, start:stop].to(dtype))
             else:
-                logits = F.linear(feats[:, start:stop], weight, bias).float()
-                grad_chunk = grad_out.float()[:, None, :] * (logits > 0) / (1 + logits.clamp(min=0))
-                grad_chunk = grad_chunk * maskf[:, start:stop, None]
-                if ctx.has_bias and ctx.needs_input_grad[2]:
-                    grad_bias = grad_chunk.sum((0, 1)) if grad_bias is None else grad_bias + grad_chunk.sum((0, 1))
-            grad_chunk = grad_chunk.to(feats.dtype)
-            if grad_feats is not None:
-                grad_feats[:, start:stop] = grad_chunk @ weight
+                logits = _mm_float32(flat, w_chunk.T).view(batch, length, stop - start)
+                if bias is not None:
+                    logits += bias[start:stop].float()
+                grad_f32 = grad_out[:, None, start:stop].float() * (logits > 0) / (1 + logits.clamp(min=0))
+                if ctx.padded:
+                    grad_f32.mul_(keep[:, :, None])
+                if grad_bias is not None:
+                    grad_bias[start:stop] = grad_f32.sum((0, 1))
+                grad_chunk = grad_f32.to(dtype)
+                del logits, grad_f32
+            grad_chunk = grad_chunk.view(batch * length, stop - start)
+            if grad_flat is not None:
+                grad_flat += _mm_float32(grad_chunk, w_chunk)
             if grad_weight is not None:
-                grad_weight += (grad_chunk.flatten(0, 1).T @ feats[:, start:stop].flatten(0, 1)).float()
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
+                grad_weight[start:stop] = _mm_float32(grad_chunk.T, flat) if weight.dtype == torch.float32 \
+                    else grad_chunk.T @ flat
+        grad_feats = grad_flat.view(batch, length, hidden).to(feats.dtype) if grad_flat is not None else None
         if grad_bias is not None:
-            grad_bias = grad_bias.to(weight.dtype)
+            grad_bias = grad_bias.to(bias.dtype)
         return grad_feats, grad_weight, grad_bias, None, None, None
 
 
 def sparse_mlm_pool(feats, weight, bias, mask, pooling="max", chunk=0):
-    """Memory-lean MLM head. feats [B, L, H], weight [V, H], bias [V] or None, mask [B, L] -> reps [B, V] float32."""
+    """Memory-lean MLM head. feats [B, L, H], weight [V, H], bias [V] or None, mask [B, L] -> reps [B, V] float32.
+    `chunk`: vocabulary rows per chunk (0 = automatic)."""
     if bias is not None and bias.shape[0] != weight.shape[0]:
         raise ValueError(f"bias has {bias.shape[0]} entries for a vocabulary of {weight.shape[0]}")
     return _SparseMLMPool.apply(feats, weight, bias, mask, pooling, chunk)
