@@ -120,16 +120,14 @@ class _SparseMLMPool(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(feats.device.type) if torch.is_autocast_enabled(feats.device.type) \
             else feats.dtype
         flat = feats.reshape(batch * length, hidden).to(dtype)
-        keep = mask.bool()
-        padded = not bool(keep.all())
+        keep = mask.bool()  # masked even without padding: checking for it would stall the host on the GPU
         out = feats.new_empty(batch, vocab, dtype=torch.float32)
         argmax = torch.empty(batch, vocab, dtype=torch.long, device=feats.device) if pooling == "max" else None
         for start in range(0, vocab, chunk):
             stop = min(vocab, start + chunk)
             logits = _mm_float32(flat, weight[start:stop].to(dtype).T).view(batch, length, stop - start)
             if pooling == "max":
-                if padded:
-                    logits.masked_fill_(~keep[:, :, None], float("-inf"))
+                logits.masked_fill_(~keep[:, :, None], float("-inf"))
                 values, argmax[:, start:stop] = logits.max(dim=1)
                 if bias is not None:
                     values += bias[start:stop].float()
@@ -137,11 +135,9 @@ class _SparseMLMPool(torch.autograd.Function):
             else:
                 if bias is not None:
                     logits += bias[start:stop].float()
-                acts = torch.log1p(torch.relu(logits))
-                if padded:
-                    acts.mul_(keep[:, :, None])
+                acts = torch.log1p(torch.relu(logits)).mul_(keep[:, :, None])
                 out[:, start:stop] = acts.sum(dim=1)
-        ctx.pooling, ctx.chunk, ctx.dtype, ctx.padded = pooling, chunk, dtype, padded
+        ctx.pooling, ctx.chunk, ctx.dtype = pooling, chunk, dtype
         ctx.save_for_backward(feats, weight, bias, keep, out if pooling == "max" else None, argmax)
         return out
 
@@ -172,8 +168,7 @@ class _SparseMLMPool(torch.autograd.Function):
                 if bias is not None:
                     logits += bias[start:stop].float()
                 grad_f32 = grad_out[:, None, start:stop].float() * (logits > 0) / (1 + logits.clamp(min=0))
-                if ctx.padded:
-                    grad_f32.mul_(keep[:, :, None])
+                grad_f32.mul_(keep[:, :, None])
                 if grad_bias is not None:
                     grad_bias[start:stop] = grad_f32.sum((0, 1))
                 grad_chunk = grad_f32.to(dtype)
