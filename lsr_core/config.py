@@ -50,7 +50,8 @@ class ModelConfig:
     gguf_file: str = ""
     trust_remote_code: bool = False
     dtype: str = "float32"  # float32 | bfloat16 | float16: weights when loading for inference
-    head_chunk: int = 0  # positions per chunk in the MLM head; 0 = automatic
+    head_chunk: int = 0  # vocabulary rows per chunk in the MLM head; 0 = automatic
+    length_buckets: int = 1  # training: split each batch into this many length-sorted sub-batches (less padding)
     lora: bool = False
     lora_r: int = 16
     lora_alpha: int = 32

@@ -387,7 +387,25 @@ class SparseModel(nn.Module):
     def vocab_size(self) -> int:
         return self.doc_backbone.get_output_embeddings().weight.shape[0]
 
+    length_buckets = 1  # set from model.length_buckets by build_model
+
     def encode_batch(self, batch: dict, is_query: bool) -> torch.Tensor:
+        """One tokenized batch -> reps [B, V]. With `length_buckets` > 1 the batch runs as that many length-sorted
+        sub-batches, each trimmed to its own longest text, so short texts stop paying for the longest one."""
+        rows = batch["input_ids"].shape[0]
+        if self.length_buckets <= 1 or rows < 2 * self.length_buckets:
+            return self._encode_one(batch, is_query)
+        lengths = batch["attention_mask"].sum(1)
+        order = lengths.argsort()
+        left = self.tokenizer.padding_side == "left" and self.spec.kind == "decoder"
+        reps = []
+        for idx in order.chunk(self.length_buckets):
+            width = int(lengths[idx].max())
+            cols = slice(batch["input_ids"].shape[1] - width, None) if left else slice(0, width)
+            reps.append(self._encode_one({k: v[idx][:, cols] for k, v in batch.items()}, is_query))
+        return torch.cat(reps)[order.argsort()]
+
+    def _encode_one(self, batch: dict, is_query: bool) -> torch.Tensor:
         if is_query:
             backbone = self.query_backbone if self.query_backbone is not None else self.doc_backbone
             return sparse_forward(backbone, self.spec, self.spec.query_head, self.query_mlp, batch)
@@ -514,7 +532,9 @@ def build_model(mcfg, training: bool = False) -> SparseModel:
     if training:
         q_backbone, d_backbone = _prepare_for_training(mcfg, q_backbone, d_backbone)
     mlps = _load_mlp_heads(Path(name)) if saved.is_file() else {}
-    return SparseModel(spec, tokenizer, d_backbone, q_backbone, mlps)
+    model = SparseModel(spec, tokenizer, d_backbone, q_backbone, mlps)
+    model.length_buckets = mcfg.length_buckets
+    return model
 
 
 def _load_mlp_heads(folder: Path) -> dict:
