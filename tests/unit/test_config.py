@@ -1,0 +1,125 @@
+"""Config: every yaml in yamls/ loads; unknown keys, wrong types and bad choices are errors naming the key;
+one level of `base:`; CLI overrides beat the yaml; the accelerate and DeepSpeed files parse."""
+import json
+from pathlib import Path
+
+import pytest
+
+from lsr_core.config import Config, ConfigError, load_config
+
+YAMLS = Path(__file__).resolve().parents[2] / "yamls"
+EXPERIMENT_YAMLS = sorted(p for p in YAMLS.rglob("*.yaml") if "accelerate" not in p.relative_to(YAMLS).parts)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_yamls_folder_is_not_empty():
+    assert len(EXPERIMENT_YAMLS) >= 7, EXPERIMENT_YAMLS
+
+
+@pytest.mark.parametrize("path", EXPERIMENT_YAMLS, ids=lambda p: str(p.relative_to(YAMLS)))
+def test_every_yaml_loads(path):
+    cfg = load_config(["--cfg", str(path)])
+    assert isinstance(cfg, Config)
+
+
+def test_tiny_yamls_inherit_base_and_set_their_model():
+    cfg = load_config(["--cfg", str(YAMLS / "tiny" / "asym_qmlp_dmlm.yaml")])
+    assert cfg.train.loss == "infonce" and cfg.train.lr == 3e-3  # from base.yaml
+    assert (cfg.model.query_head, cfg.model.doc_head, cfg.model.shared) == ("mlp", "mlm", False)
+    assert load_config(["--cfg", str(YAMLS / "tiny" / "t5_single.yaml")]).model.decoding == "single_token"
+    assert load_config(["--cfg", str(YAMLS / "tiny" / "opt_lora.yaml")]).model.lora is True
+
+
+@pytest.mark.parametrize("path", sorted((YAMLS / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_configs_parse(path):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    cluster = ClusterConfig.from_yaml_file(str(path))
+    assert cluster.num_processes >= 1
+    ds_file = (cluster.deepspeed_config or {}).get("deepspeed_config_file")
+    if ds_file:
+        assert (YAMLS.parent / ds_file).is_file(), ds_file
+
+
+@pytest.mark.parametrize("name", ["zero2.json", "zero3.json", "zero3_offload.json"])
+def test_deepspeed_jsons(name):
+    ds = json.loads((YAMLS / "ds" / name).read_text())
+    assert ds["bf16"]["enabled"] is True
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+        assert ds[key] == "auto", key
+    assert ds["optimizer"]["params"]["lr"] == "auto" and ds["optimizer"]["params"]["weight_decay"] == "auto"
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == (2 if name == "zero2.json" else 3)
+    if zero["stage"] == 3:
+        assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+    # SparseModel has no `.config.hidden_size`, so accelerate cannot fill hidden-size-based "auto" values
+    assert "auto" not in {v for v in zero.values() if isinstance(v, str)}
+
+
+def test_unknown_key_has_did_you_mean(tmp_path):
+    path = write(tmp_path / "c.yaml", "train:\n  learning_rate: 0.1\n  lr: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(["--cfg", str(path)])
+    assert "train.learning_rate" in str(err.value) and str(path) in str(err.value)
+    with pytest.raises(ConfigError, match=r"unknown key 'train.max_step'.*did you mean 'max_steps'"):
+        load_config(["--train.max_step=3"])
+    with pytest.raises(ConfigError, match=r"unknown section 'trian'.*did you mean 'train'"):
+        load_config(["--trian.lr=3"])
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    path = write(tmp_path / "c.yaml", "train:\n  batch_size: eight\n")
+    with pytest.raises(ConfigError, match=r"'train.batch_size' must be int, got str 'eight'"):
+        load_config(["--cfg", str(path)])
+    with pytest.raises(ConfigError, match=r"'model.shared' must be bool"):
+        load_config(["--model.shared=maybe"])
+    with pytest.raises(ConfigError, match=r"'train.lr' must be float"):
+        load_config(["--train.lr=fast"])
+
+
+def test_bad_choice_and_range():
+    with pytest.raises(ConfigError, match=r"'train.loss' must be one of .*got 'infonse'.*did you mean 'infonce'"):
+        load_config(["--train.loss=infonse"])
+    with pytest.raises(ConfigError, match=r"'model.decoding' must be one of"):
+        load_config(["--model.decoding=beam"])
+    with pytest.raises(ConfigError, match=r"'train.batch_size' must be > 0, got 0"):
+        load_config(["--train.batch_size=0"])
+    with pytest.raises(ConfigError, match=r"'train.lr' must be >= 0"):
+        load_config(["--train.lr=-1e-3"])
+
+
+def test_one_level_of_base(tmp_path):
+    write(tmp_path / "base.yaml", "train:\n  lr: 0.5\n  max_steps: 7\n")
+    child = write(tmp_path / "child.yaml", "base: base.yaml\ntrain:\n  max_steps: 9\n")
+    cfg = load_config(["--cfg", str(child)])
+    assert (cfg.train.lr, cfg.train.max_steps) == (0.5, 9)  # inherited, then overridden by the child
+
+    write(tmp_path / "grand.yaml", "base: child.yaml\n")
+    with pytest.raises(ConfigError, match=r"child.yaml: only one level of 'base:' is allowed"):
+        load_config(["--cfg", str(tmp_path / "grand.yaml")])
+    with pytest.raises(ConfigError, match=r"config file not found: .*nope.yaml"):
+        load_config(["--cfg", str(write(tmp_path / "orphan.yaml", "base: nope.yaml\n"))])
+
+
+def test_cli_override_beats_yaml(tmp_path):
+    path = write(tmp_path / "c.yaml", "train:\n  lr: 0.5\n  loss: kl\nmodel:\n  lora_targets: [q_proj]\n")
+    cfg = load_config(["--cfg", str(path), "--train.lr=1e-4", "--model.lora_targets=q_proj,v_proj"])
+    assert cfg.train.lr == 1e-4 and cfg.train.loss == "kl"
+    assert cfg.model.lora_targets == ["q_proj", "v_proj"]
+    # order does not matter: --cfg is read first, then the overrides in order
+    cfg = load_config(["--train.lr=2e-4", "--cfg", str(path), "--train.lr=3e-4"])
+    assert cfg.train.lr == 3e-4
+
+
+def test_missing_config_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match=r"config file not found: .*nope.yaml"):
+        load_config(["--cfg", str(missing)])
+    with pytest.raises(ConfigError, match=r"--cfg needs a file path"):
+        load_config(["--cfg"])
+    with pytest.raises(ConfigError, match=r"expected --section.key=value"):
+        load_config(["--lr=3"])
