@@ -1,0 +1,382 @@
+"""Retrieval engines behind one small interface (DESIGN §6), chosen by name from `ENGINES`.
+
+    engine = build("seismic", doc_ids, doc_vectors, "runs/x/index/seismic", {"n_postings": 1000})
+    engine = load("runs/x/index/seismic", params={"query_cut": 10, "heap_factor": 0.7})   # engine read from engine.json
+    run = engine.search(query_vectors, topk=1000, threads=2)    # [[(docid, score), ...] per query]
+
+Vectors are `{token: weight}` dicts (the shard format of lsr_core.sparse), or a scipy CSR matrix whose column j is the
+token "j" (what bench/search.py uses to stay within memory). Every engine maps tokens to integer columns with the vocab
+of the documents (saved as vocab.json); query tokens absent from it cannot match and are dropped. Documents are stored
+in docid order, so "docid ascending" is the integer order every engine breaks ties with: results are sorted by
+(score desc, docid asc). Empty queries (no known token) return [] and are counted in `engine.empty_queries`.
+
+Folder layout: engine.json (engine name + build params), ids.json, vocab.json, and the engine's own files:
+exact docs.npz | qdrant-edge qdrant/ | seismic index.index.seismic | milvus milvus.db (milvus-lite) or a cluster URI.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from lsr_core.sparse import to_csr
+from lsr_core.utils import InputError, atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+
+def _as_csr(vectors, vocab: dict[str, int] | None):
+    """Dicts or a CSR matrix -> (CSR float32 with sorted column ids and no stored zeros, vocab)."""
+    if sp.issparse(vectors):
+        mat = sp.csr_matrix(vectors, dtype=np.float32)
+        if vocab is None:
+            vocab = {str(j): j for j in range(mat.shape[1])}
+        elif mat.shape[1] > len(vocab):  # query columns the documents never used
+            mat = mat[:, :len(vocab)]
+    else:
+        mat, vocab = to_csr(vectors, vocab)
+    mat = mat.tocsr().copy()
+    mat.data[mat.data < 0] = 0  # sparse vectors are non-negative; negative weights cannot come from our encoders
+    mat.eliminate_zeros()
+    mat.sort_indices()
+    return mat, vocab
+
+
+def _chunks(n: int, parts: int) -> list[np.ndarray]:
+    return [c for c in np.array_split(np.arange(n), max(1, min(parts, n))) if len(c)]
+
+
+def _parallel(fn, n: int, threads: int) -> list:
+    """fn(row_numbers) -> list per row; run over `threads` contiguous chunks and concatenate in order."""
+    chunks = _chunks(n, threads)
+    if len(chunks) == 1:
+        return fn(chunks[0])
+    with ThreadPoolExecutor(len(chunks)) as pool:
+        return [hit for part in pool.map(fn, chunks) for hit in part]
+
+
+class Engine:
+    """Base: vocab, docid mapping, query validation and result ordering. Subclasses implement `_build`, `_open`,
+    `_search(queries CSR [n, vocab], topk, threads) -> [[(doc_number, score), ...]]`."""
+
+    name = ""
+    marker = ""  # a file or folder that exists once the index is built
+
+    def __init__(self, params: dict | None = None):
+        self.params = dict(params or {})
+        self.doc_ids: list[str] = []
+        self.vocab: dict[str, int] = {}
+        self.empty_queries = 0
+
+    def build(self, doc_ids: list[str], doc_vectors, folder: str | Path) -> "Engine":
+        n_vectors = doc_vectors.shape[0] if sp.issparse(doc_vectors) else len(doc_vectors)
+        if len(doc_ids) != n_vectors:
+            raise InputError(f"{len(doc_ids)} doc ids for {n_vectors} vectors")
+        dup = next((d for d, n in Counter(doc_ids).items() if n > 1), None)
+        if dup is not None:
+            raise InputError(f"duplicate doc id '{dup}'")
+        docs, self.vocab = _as_csr(doc_vectors, None)
+        order = sorted(range(len(doc_ids)), key=doc_ids.__getitem__)  # doc number order == docid order
+        self.doc_ids = [doc_ids[i] for i in order]
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._build(docs[order], folder)
+        atomic_write_json(folder / "ids.json", self.doc_ids)
+        tokens = [""] * len(self.vocab)
+        for tok, col in self.vocab.items():
+            tokens[col] = tok
+        atomic_write_json(folder / "vocab.json", tokens)
+        atomic_write_json(folder / "engine.json", {"engine": self.name, "params": self.params})
+        return self
+
+    def open(self, folder: str | Path) -> "Engine":
+        folder = Path(folder)
+        self.doc_ids = json.loads((folder / "ids.json").read_text())
+        self.vocab = {tok: col for col, tok in enumerate(json.loads((folder / "vocab.json").read_text()))}
+        self._open(folder)
+        return self
+
+    def search(self, query_vectors, topk: int, threads: int = 1) -> list[list[tuple[str, float]]]:
+        if topk <= 0 or threads <= 0:
+            raise ValueError(f"topk and threads must be > 0, got {topk}, {threads}")
+        queries, _ = _as_csr(query_vectors, self.vocab)
+        nonempty = np.flatnonzero(np.diff(queries.indptr))
+        self.empty_queries = queries.shape[0] - len(nonempty)
+        if self.empty_queries:
+            logger.warning("%d of %d queries have no token known to the index: no results for them",
+                           self.empty_queries, queries.shape[0])
+        run: list[list[tuple[str, float]]] = [[] for _ in range(queries.shape[0])]
+        if len(nonempty):
+            hits = self._search(queries[nonempty], topk, threads)
+            for row, row_hits in zip(nonempty, hits):
+                row_hits = sorted(((float(s), int(d)) for d, s in row_hits), key=lambda h: (-h[0], h[1]))[:topk]
+                run[row] = [(self.doc_ids[d], s) for s, d in row_hits]
+        return run
+
+    def close(self) -> None:
+        """Release files and servers (call before moving the index folder)."""
+
+    def _build(self, docs, folder: Path) -> None:
+        raise NotImplementedError
+
+    def _open(self, folder: Path) -> None:
+        raise NotImplementedError
+
+    def _search(self, queries, topk: int, threads: int) -> list:
+        raise NotImplementedError
+
+
+class ExactEngine(Engine):
+    """Reference scorer: queries [n, V] @ docs^T [V, N] in scipy, exact top-k per row (argpartition + ties by docid)."""
+
+    name, marker = "exact", "docs.npz"
+
+    def _build(self, docs, folder):
+        self.docs_t = docs.T.tocsr()  # [V, N]: a query row times this is one sparse row of scores
+        sp.save_npz(folder / "docs.npz", self.docs_t, compressed=False)  # fast reload over small files
+
+    def _open(self, folder):
+        self.docs_t = sp.load_npz(folder / "docs.npz").tocsr()
+
+    def _search(self, queries, topk, threads):
+        def score(rows):
+            hits = []
+            for block in np.array_split(rows, -(-len(rows) // 64)):  # bounded [64, N] score matrices
+                scores = (queries[block] @ self.docs_t).tocsr()  # only docs sharing a token with the query
+                hits += [self._topk(scores.indices[a:b], scores.data[a:b], topk)
+                         for a, b in zip(scores.indptr[:-1], scores.indptr[1:])]
+            return hits
+
+        return _parallel(score, queries.shape[0], threads)
+
+    @staticmethod
+    def _topk(docs: np.ndarray, scores: np.ndarray, topk: int):
+        if len(scores) > topk:
+            kth = np.partition(scores, len(scores) - topk)[len(scores) - topk]
+            keep = scores >= kth  # keep every doc tied with the k-th score; the docid order decides among them
+            docs, scores = docs[keep], scores[keep]
+        order = np.lexsort((docs, -scores))[:topk]
+        return list(zip(docs[order].tolist(), scores[order].tolist()))
+
+
+class QdrantEdgeEngine(Engine):
+    """qdrant-edge-py 0.9 (the Qdrant engine in-process): exact sparse dot product over an inverted index."""
+
+    name, marker = "qdrant-edge", "qdrant"
+    vector_name = "sparse"
+
+    def _build(self, docs, folder):
+        import qdrant_edge as qe
+
+        config = qe.EdgeConfig(
+            sparse_vectors={self.vector_name: qe.EdgeSparseVectorParams(datatype=qe.VectorStorageDatatype.Float32)},
+            wal_enabled=False)  # durability comes from flush() below; a WAL only doubles the disk use
+        shard = qe.EdgeShard.create(str(folder / "qdrant"), config)
+        batch = 5000
+        for start in range(0, docs.shape[0], batch):
+            points = []
+            for doc in range(start, min(start + batch, docs.shape[0])):
+                a, b = docs.indptr[doc], docs.indptr[doc + 1]
+                if b > a:  # an empty document can never match
+                    vector = qe.SparseVector(docs.indices[a:b].tolist(), docs.data[a:b].tolist())
+                    points.append(qe.Point(doc, {self.vector_name: vector}))
+            shard.update(qe.UpdateOperation.upsert_points(points))
+        shard.optimize()  # build the immutable (compressed) sparse index now, not on the first search
+        shard.flush()
+        self.shard = shard
+
+    def _open(self, folder):
+        import qdrant_edge as qe
+
+        self.shard = qe.EdgeShard.load(str(folder / "qdrant"))
+
+    def _search(self, queries, topk, threads):
+        import qdrant_edge as qe
+
+        def request(row):
+            a, b = queries.indptr[row], queries.indptr[row + 1]
+            vector = qe.SparseVector(queries.indices[a:b].tolist(), queries.data[a:b].tolist())
+            return qe.QueryRequest(limit=topk, query=qe.Query.Nearest(vector, using=self.vector_name),
+                                   with_payload=False, with_vector=False)
+
+        def run(rows):
+            batch = self.shard.query_batch(qe.QueryBatchRequest([request(r) for r in rows]))
+            return [[(p.id, p.score) for p in points] for points in batch]
+
+        return _parallel(run, queries.shape[0], threads)
+
+    def close(self):
+        if getattr(self, "shard", None) is not None:
+            self.shard.close()
+            self.shard = None
+
+
+class SeismicEngine(Engine):
+    """pyseismic-lsr 0.5.4: approximate (clustered, pruned posting lists with summaries).
+
+    Build params: n_postings, centroid_fraction, summary_energy. Search params: query_cut, heap_factor.
+    Components are our vocab columns written as strings ("42"); more than 65,535 of them need the `*LV` classes."""
+
+    name, marker = "seismic", "index.index.seismic"
+    build_defaults = {"n_postings": 1000, "centroid_fraction": 0.1, "summary_energy": 0.4}
+    search_defaults = {"query_cut": 10, "heap_factor": 0.7}
+
+    def _classes(self):
+        import seismic
+
+        large = len(self.vocab) > 65535
+        return (seismic.SeismicDatasetLV, seismic.SeismicIndexLV) if large else (seismic.SeismicDataset,
+                                                                                 seismic.SeismicIndex)
+
+    def _build(self, docs, folder):
+        dataset_cls, index_cls = self._classes()
+        dataset = dataset_cls(dim=len(self.vocab))
+        dataset.add_documents_by_id([str(d) for d in range(docs.shape[0])], docs.indices.astype(np.int64),
+                                    docs.data.astype(np.float32), docs.indptr.astype(np.int64))
+        params = {**self.build_defaults, **{k: v for k, v in self.params.items() if k in self.build_defaults}}
+        self.index = index_cls.build_from_dataset(dataset, **params)
+        self.index.save(str(folder / "index"))
+
+    def _open(self, folder):
+        self.index = self._classes()[1].load(str(folder / self.marker))
+
+    def _search(self, queries, topk, threads):
+        import seismic
+
+        params = {**self.search_defaults, **{k: v for k, v in self.params.items() if k in self.search_defaults}}
+        string = seismic.get_seismic_string()
+        rows = range(queries.shape[0])
+        ids = np.array([str(r) for r in rows], dtype=string)
+        components = [queries.indices[queries.indptr[r]:queries.indptr[r + 1]].astype(str).astype(string) for r in rows]
+        values = [queries.data[queries.indptr[r]:queries.indptr[r + 1]].astype(np.float32) for r in rows]
+        results = self.index.batch_search(ids, components, values, k=topk, num_threads=threads, **params)
+        return [[(int(doc), score) for _, score, doc in hits] for hits in results]
+
+
+class MilvusEngine(Engine):
+    """Milvus 2.5 (pymilvus): SPARSE_INVERTED_INDEX, metric IP, `inverted_index_algo` from params["algo"].
+
+    params["uri"] empty: a milvus-lite file DB (milvus.db) inside the index folder, else a cluster URI (the collection
+    params["collection"] is replaced)."""
+
+    name, marker = "milvus", "engine.json"
+    lite_file = "milvus.db"
+
+    def _connect(self, folder: Path):
+        with warnings.catch_warnings():  # milvus-lite 2.5 imports pkg_resources (needs setuptools<81)
+            warnings.simplefilter("ignore")
+            from pymilvus import MilvusClient
+
+            self.lite_path = "" if self.params.get("uri") else str((folder / self.lite_file).absolute())
+            try:
+                self.client = MilvusClient(self.params.get("uri") or self.lite_path)
+            except Exception as err:
+                where = self.params.get("uri") or f"milvus-lite at {self.lite_path}"
+                raise RuntimeError(f"milvus: cannot start or reach {where}: {err}") from err
+        self.collection = self.params.get("collection") or "lsr_docs"
+
+    def _build(self, docs, folder):
+        from pymilvus import DataType
+
+        self._connect(folder)
+        client, name = self.client, self.collection
+        if client.has_collection(name):
+            logger.warning("milvus: replacing existing collection %s", name)
+            client.drop_collection(name)
+        schema = client.create_schema(auto_id=False)
+        schema.add_field("doc", DataType.INT64, is_primary=True)
+        schema.add_field("vector", DataType.SPARSE_FLOAT_VECTOR)
+        index = client.prepare_index_params()
+        index.add_index(field_name="vector", index_type="SPARSE_INVERTED_INDEX", metric_type="IP",
+                        params={"inverted_index_algo": self.params.get("algo", "TAAT_NAIVE")})
+        client.create_collection(name, schema=schema, index_params=index)
+        batch = 10000
+        for start in range(0, docs.shape[0], batch):
+            rows = []
+            for doc in range(start, min(start + batch, docs.shape[0])):
+                a, b = docs.indptr[doc], docs.indptr[doc + 1]
+                if b > a:  # Milvus rejects empty sparse vectors; they could never match anyway
+                    rows.append({"doc": doc, "vector": dict(zip(docs.indices[a:b].tolist(), docs.data[a:b].tolist()))})
+            if rows:
+                client.insert(name, rows)
+        client.flush(name)
+        client.load_collection(name)
+
+    def _open(self, folder):
+        self._connect(folder)
+        if not self.client.has_collection(self.collection):
+            raise InputError(f"index not found: {folder} (milvus collection '{self.collection}' is missing)")
+        self.client.load_collection(self.collection)
+
+    def _search(self, queries, topk, threads):
+        def run(rows):
+            data = [dict(zip(queries.indices[queries.indptr[r]:queries.indptr[r + 1]].tolist(),
+                             queries.data[queries.indptr[r]:queries.indptr[r + 1]].tolist())) for r in rows]
+            results = self.client.search(self.collection, data=data, anns_field="vector", limit=topk,
+                                         search_params={"metric_type": "IP"}, output_fields=[])
+            return [[(hit["id"], hit["distance"]) for hit in hits] for hits in results]
+
+        return _parallel(run, queries.shape[0], threads)
+
+    def close(self):
+        if getattr(self, "client", None) is None:
+            return
+        self.client.close()
+        self.client = None
+        if self.lite_path:
+            from milvus_lite.server_manager import server_manager_instance
+
+            server_manager_instance.release_server(self.lite_path)
+
+
+ENGINES: dict[str, type[Engine]] = {
+    "exact": ExactEngine,
+    "qdrant-edge": QdrantEdgeEngine,
+    "seismic": SeismicEngine,
+    "milvus": MilvusEngine,
+}
+
+
+def engine_class(name: str) -> type[Engine]:
+    if name not in ENGINES:
+        raise ValueError(f"unknown engine {name!r}; one of {sorted(ENGINES)}")
+    return ENGINES[name]
+
+
+def config_params(engine: str, section) -> dict:
+    """Engine params from a config section: fields named `<prefix>_<key>` (seismic_n_postings, milvus_uri) ->
+    {key: value}; the prefix is the engine name up to its first '-' (qdrant-edge -> qdrant_)."""
+    prefix = engine.split("-")[0] + "_"
+    return {k[len(prefix):]: v for k, v in vars(section).items() if k.startswith(prefix)}
+
+
+def build(engine: str, doc_ids: list[str], doc_vectors, folder: str | Path, params: dict | None = None) -> Engine:
+    """Build an index of `doc_vectors` (dicts or CSR) into `folder`; returns the engine, ready to search."""
+    return engine_class(engine)(params).build(doc_ids, doc_vectors, folder)
+
+
+def load_info(folder: str | Path) -> dict:
+    """engine.json of an index folder: {"engine": name, "params": build params}."""
+    path = Path(folder) / "engine.json"
+    if not path.is_file():
+        raise InputError(f"index not found: {folder} (run index.py first)")
+    return json.loads(path.read_text())
+
+
+def load(folder: str | Path, engine: str = "", params: dict | None = None) -> Engine:
+    """Open an index built by `build`; `params` are search-time params (seismic query_cut, heap_factor) merged over
+    the build params recorded in engine.json. `engine` (if given) must match the recorded one."""
+    folder = Path(folder)
+    info = load_info(folder)
+    if engine and engine != info["engine"]:
+        raise InputError(f"{folder}: index was built with engine '{info['engine']}', not '{engine}'")
+    cls = engine_class(info["engine"])
+    if not (folder / cls.marker).exists():
+        raise InputError(f"index not found: {folder} (no {cls.marker}; run index.py first)")
+    return cls({**info["params"], **(params or {})}).open(folder)

@@ -1,0 +1,147 @@
+"""Engines agree with exact (= a dense numpy dot product), persist, and handle empty/unknown queries and bad input."""
+import numpy as np
+import pytest
+
+from lsr_core import engines
+from lsr_core.config import load_config
+from lsr_core.utils import InputError
+
+N_DOCS, N_QUERIES, VOCAB = 1500, 40, 400
+SEISMIC_SEARCH = {"query_cut": 100, "heap_factor": 0.5}  # small fixture: ask for (near) exhaustive search
+
+
+def random_vectors(rng, n, nnz):
+    vectors = []
+    for _ in range(n):
+        tokens = rng.choice(VOCAB, nnz, replace=False)
+        vectors.append({f"t{t}": float(w) for t, w in zip(tokens, rng.uniform(0.05, 2.0, nnz))})
+    return vectors
+
+
+@pytest.fixture(scope="module")
+def fixture_data():
+    rng = np.random.default_rng(0)
+    ids = [f"doc{i}" for i in rng.permutation(N_DOCS)]  # not in docid order: engines must sort
+    return ids, random_vectors(rng, N_DOCS, 25), random_vectors(rng, N_QUERIES, 6)
+
+
+def dense_truth(ids, docs, queries, k=10):
+    """Brute force: dense [n_queries, vocab] @ [vocab, n_docs]; ties cannot happen with random float weights."""
+    def dense(vecs):
+        mat = np.zeros((len(vecs), VOCAB))
+        for row, vec in enumerate(vecs):
+            for tok, w in vec.items():
+                mat[row, int(tok[1:])] = w
+        return mat
+
+    scores = dense(queries) @ dense(docs).T
+    return [[(ids[d], s[d]) for d in np.argsort(-s)[:k]] for s in scores]
+
+
+@pytest.fixture(scope="module")
+def built(fixture_data, tmp_path_factory):
+    """name -> (engine built in a folder, folder); milvus is skipped with the reason if milvus-lite cannot start."""
+    ids, docs, _ = fixture_data
+    out = {}
+    for name in engines.ENGINES:
+        folder = tmp_path_factory.mktemp(name)
+        try:
+            out[name] = (engines.build(name, ids, docs, folder, {"n_postings": 2000}), folder)
+        except RuntimeError as err:  # milvus: server could not start here
+            out[name] = (err, folder)
+    yield out
+    for engine, _ in out.values():
+        if isinstance(engine, engines.Engine):
+            engine.close()
+
+
+def get_engine(built, name):
+    engine, folder = built[name]
+    if isinstance(engine, Exception):
+        pytest.skip(f"{name} cannot run on this machine: {engine}")
+    if name == "seismic":
+        engine.params.update(SEISMIC_SEARCH)
+    return engine, folder
+
+
+def test_exact_equals_dense_bruteforce(fixture_data, built):
+    ids, docs, queries = fixture_data
+    run = get_engine(built, "exact")[0].search(queries, 10)
+    truth = dense_truth(ids, docs, queries)
+    assert [[d for d, _ in r] for r in run] == [[d for d, _ in t] for t in truth]
+    np.testing.assert_allclose([s for r in run for _, s in r], [s for t in truth for _, s in t], rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["qdrant-edge", "milvus"])
+def test_exact_engines_match_exact(fixture_data, built, name):
+    queries = fixture_data[2]
+    truth = get_engine(built, "exact")[0].search(queries, 10)
+    run = get_engine(built, name)[0].search(queries, 10, threads=2)
+    assert [[d for d, _ in r] for r in run] == [[d for d, _ in t] for t in truth]
+    np.testing.assert_allclose([s for r in run for _, s in r], [s for t in truth for _, s in t], rtol=1e-4)
+
+
+def test_seismic_recall_at_10(fixture_data, built):
+    queries = fixture_data[2]
+    truth = get_engine(built, "exact")[0].search(queries, 10)
+    run = get_engine(built, "seismic")[0].search(queries, 10, threads=2)
+    recall = np.mean([len({d for d, _ in r} & {d for d, _ in t}) / 10 for r, t in zip(run, truth)])
+    assert recall >= 0.98
+    assert all(len(r) == 10 for r in run)
+
+
+@pytest.mark.parametrize("name", list(engines.ENGINES))
+def test_persistence_round_trip(fixture_data, built, name):
+    engine, folder = get_engine(built, name)
+    queries = fixture_data[2]
+    before = engine.search(queries, 20)
+    if name == "milvus":
+        engine.close()  # milvus-lite: one server per file
+    reloaded = engines.load(folder, params=SEISMIC_SEARCH if name == "seismic" else None)
+    try:
+        assert type(reloaded) is engines.ENGINES[name]
+        assert reloaded.search(queries, 20) == before
+    finally:
+        if name == "milvus":
+            reloaded.close()
+            built[name] = (engines.load(folder), folder)
+
+
+@pytest.mark.parametrize("name", list(engines.ENGINES))
+def test_empty_and_unknown_token_queries(fixture_data, built, name):
+    engine = get_engine(built, name)[0]
+    query = fixture_data[2][0]
+    with_unknown = {**query, "never-seen-token": 3.0}
+    run = engine.search([{}, with_unknown, {"never-seen-token": 1.0}, query], 10)
+    assert run[0] == [] and run[2] == []
+    assert engine.empty_queries == 2
+    assert run[1] == run[3] and len(run[3]) == 10  # the unknown token is ignored
+
+
+def test_exact_ties_broken_by_docid(tmp_path):
+    docs = [{"a": 1.0}] * 5 + [{"a": 2.0}]
+    ids = ["d3", "d1", "d4", "d0", "d2", "d9"]
+    engine = engines.build("exact", ids, docs, tmp_path)
+    # the cut at k=3 falls inside a 5-way tie: the smallest docids win
+    assert engine.search([{"a": 1.0}], 3) == [[("d9", 2.0), ("d0", 1.0), ("d1", 1.0)]]
+
+
+def test_missing_index_error(tmp_path):
+    with pytest.raises(InputError, match=r"index not found: .*nope \(run index.py first\)"):
+        engines.load(tmp_path / "nope")
+
+
+def test_duplicate_doc_ids(tmp_path):
+    with pytest.raises(InputError, match="duplicate doc id 'd1'"):
+        engines.build("exact", ["d0", "d1", "d1"], [{"a": 1.0}, {"a": 2.0}, {"b": 1.0}], tmp_path / "x")
+
+
+def test_config_params():
+    cfg = load_config(["--index.seismic_n_postings=500", "--search.seismic_heap_factor=0.9"])
+    assert engines.config_params("seismic", cfg.index) == {"n_postings": 500, "centroid_fraction": 0.1,
+                                                           "summary_energy": 0.4}
+    assert engines.config_params("seismic", cfg.search) == {"query_cut": 10, "heap_factor": 0.9}
+    assert engines.config_params("milvus", cfg.index) == {"uri": "", "algo": "TAAT_NAIVE", "collection": "lsr_docs"}
+    assert engines.config_params("qdrant-edge", cfg.index) == {}
+    with pytest.raises(ValueError, match="unknown engine"):
+        engines.engine_class("faiss")
