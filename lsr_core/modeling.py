@@ -190,7 +190,32 @@ def sparse_mlm_pool(feats, weight, bias, mask, pooling="max", chunk=0):
     `chunk`: vocabulary rows per chunk (0 = automatic)."""
     if bias is not None and bias.shape[0] != weight.shape[0]:
         raise ValueError(f"bias has {bias.shape[0]} entries for a vocabulary of {weight.shape[0]}")
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (feats, weight, bias))
+    if pooling == "max" and not needs_grad:
+        return _max_pool_inference(feats, weight, bias, mask, chunk)
     return _SparseMLMPool.apply(feats, weight, bias, mask, pooling, chunk)
+
+
+def _max_pool_inference(feats, weight, bias, mask, chunk):
+    """Encoding path of max pooling: no argmax to keep, and on the CPU the logits stay in the matmul dtype (bf16
+    halves the memory passes of masking and max; measured 3.5-6x faster than the training path on 2 cores)."""
+    batch, length, hidden = feats.shape
+    vocab = weight.shape[0]
+    chunk = chunk or 4 * _auto_chunk(batch, vocab, length, feats.device)
+    dtype = torch.get_autocast_dtype(feats.device.type) if torch.is_autocast_enabled(feats.device.type) \
+        else feats.dtype
+    flat = feats.reshape(batch * length, hidden).to(dtype)
+    pad = ~mask.bool()[:, :, None]
+    out = torch.empty(batch, vocab, dtype=torch.float32, device=feats.device)
+    for start in range(0, vocab, chunk):
+        stop = min(vocab, start + chunk)
+        w_chunk = weight[start:stop].to(dtype).T
+        logits = _mm_float32(flat, w_chunk) if feats.is_cuda else flat @ w_chunk
+        logits = logits.view(batch, length, stop - start).masked_fill_(pad, float("-inf"))
+        out[:, start:stop] = logits.amax(dim=1).float()
+    if bias is not None:
+        out += bias.float()
+    return torch.log1p(torch.relu(out))
 
 
 def mlp_pool(token_weights: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, vocab: int) -> torch.Tensor:
