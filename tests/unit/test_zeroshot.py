@@ -1,0 +1,212 @@
+"""zeroshot_prompt.py on tiny random Llama / T5 / BERT: vectors equal a direct computation from the HF model's
+logits, top-k is honoured, in_text_only keeps only the input's non-stopword ids and falls back when that is empty."""
+import numpy as np
+import pytest
+import torch
+
+import zeroshot_prompt as zsp
+from lsr_core.config import load_config
+from lsr_core.modeling import load_backbone, load_tokenizer, resolve_model_path
+from lsr_core.sparse import load_vectors
+from lsr_core.stopwords import ENGLISH_STOPWORDS
+from tests.tiny import make_collection, make_model
+
+DOCS = ["star planet orbit telescope galaxy comet", "the recipe for bread needs flour and butter",
+        "goal", "the guitar melody of the band was in the album"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zeroshot")
+    coll = make_collection(root / "data")
+    return {"data": root / "data", "words": coll["words"],
+            **{arch: make_model(root / arch, arch, coll["words"]) for arch in ("llama", "t5", "bert")}}
+
+
+def load(folder):
+    model, kind = load_backbone(str(folder))
+    return model.eval(), kind, load_tokenizer(str(folder))
+
+
+def zeroshot_reps(folder, texts, steps=1, emit_dense=False, **overrides):
+    """reps [B, V] (and dense) through zeroshot_prompt's own prompt/tokenize/forward path, batched."""
+    model, kind, tok = load(folder)
+    zs = load_config([f"--zeroshot.{k}={v}" for k, v in overrides.items()]).zeroshot
+    prompts = [zsp.build_prompt(tok, kind, zs.doc_template, t, zs) for t in texts]
+    batch = zsp.tokenize_prompts(tok, kind, [p for p, _ in prompts], prompts[0][1])
+    with torch.inference_mode():
+        return zsp.next_token_reps(model, kind, batch, steps, emit_dense)
+
+
+def direct_logits(model, kind, tok, prompt: str, add_special: bool = True, steps: int = 1):
+    """The reference: the HF model on one unpadded prompt, full logits, greedy steps re-run without a cache."""
+    ids = torch.tensor([tok(prompt, add_special_tokens=add_special)["input_ids"]])
+    all_logits = []
+    with torch.inference_mode():
+        if kind == "encoder_decoder":
+            dec = torch.tensor([[model.config.decoder_start_token_id]])
+            for _ in range(steps):
+                logits = model(input_ids=ids, decoder_input_ids=dec).logits[0, -1]
+                all_logits.append(logits)
+                dec = torch.cat([dec, logits.argmax().view(1, 1)], dim=1)
+        elif kind == "encoder":
+            out = model(input_ids=ids, output_hidden_states=True)
+            pos = (ids[0] == tok.mask_token_id).nonzero()[-1, 0]
+            return [out.logits[0, pos]], out.hidden_states[-1][0, pos]
+        else:
+            for step in range(steps):
+                out = model(input_ids=ids, output_hidden_states=True)
+                if step == 0:
+                    hidden = out.hidden_states[-1][0, -1]
+                all_logits.append(out.logits[0, -1])
+                ids = torch.cat([ids, out.logits[0, -1].argmax().view(1, 1)], dim=1)
+            return all_logits, hidden
+    return all_logits, None
+
+
+def act(logits):
+    return torch.log1p(torch.relu(logits.float()))
+
+
+@pytest.mark.parametrize("arch", ["llama", "t5", "bert"])
+def test_batched_reps_equal_direct_logits(tiny, arch):
+    reps, dense = zeroshot_reps(tiny[arch], DOCS, emit_dense=arch != "t5")
+    model, kind, tok = load(tiny[arch])
+    zs = load_config([]).zeroshot
+    for row, text in enumerate(DOCS):  # rows of different lengths: left padding must not change anything
+        prompt, add_special = zsp.build_prompt(tok, kind, zs.doc_template, text, zs)
+        logits, hidden = direct_logits(model, kind, tok, prompt, add_special)
+        torch.testing.assert_close(reps[row], act(logits[0]), atol=1e-5, rtol=1e-4)
+        if hidden is not None:
+            torch.testing.assert_close(dense[row], hidden.float(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+def test_multi_step_is_max_over_greedy_steps(tiny, arch):
+    reps, _ = zeroshot_reps(tiny[arch], DOCS[:2], steps=3)
+    model, kind, tok = load(tiny[arch])
+    zs = load_config([]).zeroshot
+    for row, text in enumerate(DOCS[:2]):
+        prompt, add_special = zsp.build_prompt(tok, kind, zs.doc_template, text, zs)
+        logits, _ = direct_logits(model, kind, tok, prompt, add_special, steps=3)
+        expected = torch.stack([act(step) for step in logits]).amax(0)
+        torch.testing.assert_close(reps[row], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_chat_template_used_when_present(tiny, tmp_path):
+    model, kind, tok = load(tiny["llama"])
+    tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant:{% endif %}")
+    zs = load_config(["--zeroshot.system_prompt=be brief"]).zeroshot
+    zs.answer_prefix = " word"
+    prompt, add_special = zsp.build_prompt(tok, kind, "text: {text}", "star {x}", zs)
+    assert not add_special  # the template wrote the special tokens itself
+    assert prompt == "<s>system: be brief\n<s>user: text: star {x}\nassistant: word"
+    plain, add_special = zsp.build_prompt(tok, kind, "text: {text}", "star",
+                                          load_config(["--zeroshot.use_chat_template=false"]).zeroshot)
+    assert plain == "text: star" and add_special
+
+
+def test_text_vocabulary_keeps_non_stopword_tokens_only(tiny):
+    tok = load_tokenizer(str(tiny["llama"]))
+    text_vocab = zsp.TextVocabulary(tok)
+    ids = text_vocab("The guitar, and the Melody of a band!")
+    assert {tok.convert_ids_to_tokens(i) for i in ids} == {"guitar", "melody", "band"}
+    assert text_vocab("the of and a") == set()
+
+
+def test_text_vocabulary_adds_word_initial_bpe_variants():
+    """A byte-level BPE vocabulary (GPT-2 style): both `Ġword` (word-initial) and the bare pieces are kept."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "star": 1, "Ġstar": 2, "the": 3, "Ġthe": 4, "Ġ": 5, "s": 6, "t": 7, "a": 8, "r": 9,
+             "h": 10, "e": 11, "Ġs": 12}
+    merges = [("Ġ", "s"), ("Ġs", "t"), ("Ġst", "a"), ("Ġsta", "r"), ("s", "t"), ("st", "a"), ("sta", "r"),
+              ("Ġ", "t"), ("Ġt", "h"), ("Ġth", "e"), ("t", "h"), ("th", "e")]
+    vocab.update({"st": 13, "sta": 14, "Ġst": 15, "Ġsta": 16, "th": 17, "Ġt": 18, "Ġth": 19})
+    core = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>")
+    ids = zsp.TextVocabulary(tok)("the star.")
+    assert {tok.convert_ids_to_tokens(i) for i in ids} == {"star", "Ġstar"}
+
+
+def test_keep_text_terms_and_fallback():
+    reps = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.5, 0.0, 0.7, 0.9], [0.0, 0.0, 0.0, 4.0]])
+    kept, fell_back = zsp.keep_text_terms(reps, [{1, 2}, set(), {0, 1}])
+    assert fell_back == 2  # row 1: nothing allowed; row 2: allowed ids all zero
+    torch.testing.assert_close(kept, torch.tensor([[0.0, 1.0, 2.0, 0.0], [0.5, 0.0, 0.7, 0.9], [0.0, 0.0, 0.0, 4.0]]))
+
+
+def run_main(tiny, tmp_path, texts, *extra):
+    infile = tmp_path / "in.jsonl"
+    infile.write_text("".join(f'{{"id": "t{i}", "text": "{t}"}}\n' for i, t in enumerate(texts)))
+    out = zsp.main([f"--model.name_or_path={tiny['llama']}", f"--encode.input={infile}", "--encode.kind=doc",
+                    f"--encode.output={tmp_path / 'out'}", "--encode.batch_size=3", *extra])
+    ids, vectors = load_vectors(out)
+    return dict(zip(ids, vectors))
+
+
+def direct_topk(tiny, text, k, allowed=None):
+    """Top-k {token: weight} from the direct logits, optionally restricted to `allowed` ids."""
+    model, kind, tok = load(tiny["llama"])
+    zs = load_config([]).zeroshot
+    prompt, add_special = zsp.build_prompt(tok, kind, zs.doc_template, text, zs)
+    weights = act(direct_logits(model, kind, tok, prompt, add_special)[0][0])
+    if allowed is not None:
+        weights = weights * torch.isin(torch.arange(len(weights)), torch.tensor(sorted(allowed)))
+    values, ids = weights.topk(k)
+    return {tok.convert_ids_to_tokens(i): round(float(v), 5) for i, v in zip(ids.tolist(), values) if v > 0}
+
+
+def test_main_topk_equals_direct_computation(tiny, tmp_path):
+    vectors = run_main(tiny, tmp_path, DOCS, "--zeroshot.in_text_only=false", "--zeroshot.doc_topk=7")
+    for i, text in enumerate(DOCS):
+        assert len(vectors[f"t{i}"]) == 7
+        expected = direct_topk(tiny, text, 7)
+        assert vectors[f"t{i}"].keys() == expected.keys()
+        np.testing.assert_allclose([vectors[f"t{i}"][t] for t in expected], list(expected.values()), atol=2e-5)
+
+
+def test_main_in_text_only_and_stopword_fallback(tiny, tmp_path):
+    texts = DOCS + ["the of and a to"]
+    vectors = run_main(tiny, tmp_path, texts, "--zeroshot.doc_topk=4")
+    tok = load_tokenizer(str(tiny["llama"]))
+    text_vocab = zsp.TextVocabulary(tok)
+    for i, text in enumerate(DOCS):
+        allowed = {tok.convert_ids_to_tokens(t) for t in text_vocab(text)}
+        assert set(vectors[f"t{i}"]) <= allowed
+        assert not set(vectors[f"t{i}"]) & ENGLISH_STOPWORDS
+        expected = direct_topk(tiny, text, 4, text_vocab(text))
+        assert vectors[f"t{i}"].keys() == expected.keys()
+    assert set(vectors["t2"]) <= {"goal"}  # one word in: at most one term out
+    # only stopwords: in_text_only leaves nothing, so plain top-k over the vocabulary
+    assert vectors[f"t{len(DOCS)}"] == direct_topk(tiny, texts[-1], 4)
+    assert len(vectors[f"t{len(DOCS)}"]) == 4
+
+
+def test_quantised_weights_are_ints(tiny, tmp_path):
+    vectors = run_main(tiny, tmp_path, DOCS, "--encode.quant_scale=100", "--zeroshot.in_text_only=false")
+    assert all(isinstance(w, int) and w > 0 for vec in vectors.values() for w in vec.values())
+    assert all(len(vec) <= 128 for vec in vectors.values())  # doc_topk default
+
+
+def test_template_without_placeholder_is_an_error(tiny, tmp_path):
+    from lsr_core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="doc_template"):
+        run_main(tiny, tmp_path, DOCS, "--zeroshot.doc_template=no placeholder")
+
+
+def test_resolve_model_path_pkg_prefix():
+    import json
+    from pathlib import Path
+
+    from lsr_core.modeling import ModelLoadError
+
+    assert Path(resolve_model_path("pkg:json")) == Path(json.__file__).parent
+    assert resolve_model_path("some/folder") == "some/folder"
+    with pytest.raises(ModelLoadError, match="not installed"):
+        resolve_model_path("pkg:no_such_package_here")

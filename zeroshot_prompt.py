@@ -1,0 +1,327 @@
+"""Zero-shot sparse vectors from a prompted LLM, no training (DESIGN §4, the paper's RQ1; PromptReps-style).
+
+    python zeroshot_prompt.py --cfg yamls/zeroshot/smollm2_135m.yaml --encode.input=data/wiki/corpus.jsonl --encode.kind=doc
+    python zeroshot_prompt.py --cfg yamls/zeroshot/smollm2_135m.yaml --encode.input=data/wiki/queries.test.jsonl --encode.kind=query
+    accelerate launch --num_processes 4 zeroshot_prompt.py --cfg ... --encode.input=...      # one shard per process
+
+Model: `model.name_or_path` (+ `model.gguf_file`; `pkg:<module>` = an installed package's folder), kind detected:
+  decoder          prompt (through the tokenizer's chat template when it has one and `zeroshot.use_chat_template`),
+                   left-padded so the last position is the next-token position for every row;
+  encoder_decoder  prompt to the encoder, logits of the decoder's first step (from the decoder start token);
+  encoder (BERT)   the prompt ends with the mask token (appended when the template has none); MLM logits there.
+Prompt: `zeroshot.query_template` / `doc_template` with `{text}` (the text cut to model.max_query_len/max_doc_len
+tokens first, so the instruction is never truncated), optional `system_prompt`, then `answer_prefix` (after the chat
+template's generation prompt, or on a new line after a plain prompt).
+Vector: log1p(relu(next-token logits)), max over `zeroshot.steps` greedy steps (decoders and encoder-decoders), then
+  `in_text_only`: keep only vocabulary ids of the input's non-stopword words (see `text_token_ids`); a text where that
+                  leaves no positive weight (e.g. only stopwords) falls back to the whole vocabulary;
+  top-k: `zeroshot.query_topk` / `doc_topk` (0 = all), `encode.threshold`, quantisation `encode.quant_scale` — the
+  same `prune`/`to_vector` as encode.py.
+Output: exactly encode.py's (default `<output_dir>/encode/corpus` or `.../queries`): `part-NNNNN.jsonl.gz` shards of
+{"id", "vector": {token: weight}}, `meta.json` (the same keys; config_hash covers the model and zeroshot sections),
+`config.yaml`. With `zeroshot.emit_dense`, each shard also gets `dense-part-NNNNN.npy` (float32 [n, hidden]: the
+last hidden state at the position whose logits are read, i.e. PromptReps' dense vector) and `dense-part-NNNNN.ids.json`
+(the n ids, same order). One shard per process; a rerun skips finished shards (a shard is written last, atomically).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from tqdm.auto import tqdm
+
+from encode import read_input, summarize
+from lsr_core.config import ConfigError, config_hash, load_config, save_config
+from lsr_core.modeling import ModelLoadError, load_backbone, load_tokenizer
+from lsr_core.sparse import ShardWriter, id_to_token_list, prune, shard_name, to_vector, write_meta
+from lsr_core.stopwords import ENGLISH_STOPWORDS
+from lsr_core.utils import InputError, atomic_open, atomic_write_json
+
+logger = get_logger(__name__)
+
+WORD = re.compile(r"\w+")
+
+
+# ------------------------------------------------------------------------------------------------------- prompts
+
+def truncate_texts(tokenizer, texts: list[str], max_len: int) -> list[str]:
+    """Cut each text after its first `max_len` tokens (on the original string, so the text is not re-spelled)."""
+    enc = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_len,
+                    return_offsets_mapping=tokenizer.is_fast)
+    out = []
+    for i, text in enumerate(texts):
+        ids = enc["input_ids"][i]
+        if len(ids) < max_len:
+            out.append(text)
+        elif tokenizer.is_fast:
+            out.append(text[:enc["offset_mapping"][i][-1][1]])
+        else:
+            out.append(tokenizer.decode(ids))
+    return out
+
+
+def build_prompt(tokenizer, kind: str, template: str, text: str, zs) -> tuple[str, bool]:
+    """The prompt string and whether the tokenizer should add its special tokens (not when a chat template did)."""
+    body = template.replace("{text}", text)  # not str.format: texts and templates may hold braces
+    if kind != "encoder" and zs.use_chat_template and getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": zs.system_prompt}] if zs.system_prompt else []) + \
+            [{"role": "user", "content": body}]
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return prompt + zs.answer_prefix, False
+    prompt = body + ("\n" + zs.answer_prefix if zs.answer_prefix else "")  # plain prompts: the answer on a new line
+    if kind == "encoder" and tokenizer.mask_token not in prompt:
+        prompt += tokenizer.mask_token
+    return prompt, True
+
+
+def tokenize_prompts(tokenizer, kind: str, prompts: list[str], add_special: bool) -> dict:
+    """Pad by hand: left for decoders (the last column is every row's next-token position), right otherwise.
+
+    Returns input_ids, attention_mask [B, L] and read_pos [B] (the position whose logits are read: the last for
+    decoders, the mask token for encoders; unused for encoder-decoders, which read the decoder's step).
+    """
+    rows = tokenizer(prompts, add_special_tokens=add_special)["input_ids"]
+    length = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), length), dtype=torch.long)
+    read_pos = torch.full((len(rows),), length - 1, dtype=torch.long)
+    for i, ids in enumerate(rows):
+        span = slice(length - len(ids), length) if kind == "decoder" else slice(0, len(ids))
+        input_ids[i, span] = torch.tensor(ids)
+        attention[i, span] = 1
+        if kind == "encoder":
+            masks = [p for p, t in enumerate(ids) if t == tokenizer.mask_token_id]
+            read_pos[i] = masks[-1]
+    return {"input_ids": input_ids, "attention_mask": attention, "read_pos": read_pos}
+
+
+# ----------------------------------------------------------------------------------------------------- the model
+
+@contextlib.contextmanager
+def project_only(model, positions: torch.Tensor | None):
+    """Run the vocabulary projection only at `positions` ([B], None = the last position), so that no
+    [B, L, V] logits tensor is built: logits come out as [B, 1, V]. Works for every kind because the hook sits on
+    the projection itself (BERT's transform runs per position before it)."""
+    def pick(module, args):
+        feats = args[0]
+        rows = torch.arange(feats.shape[0], device=feats.device)
+        cols = positions.to(feats.device) if positions is not None else feats.shape[1] - 1
+        return (feats[rows, cols][:, None],) + tuple(args[1:])
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(pick)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _accepts(model, arg: str) -> bool:
+    return arg in inspect.signature(model.forward).parameters
+
+
+def next_token_reps(model, kind: str, batch: dict, steps: int, emit_dense: bool):
+    """One batch -> (reps [B, V] float32 = max over steps of log1p(relu(next-token logits)),
+    dense [B, H] float32 (last hidden state at the first read position) or None)."""
+    ids, attn, read_pos = batch["input_ids"], batch["attention_mask"], batch["read_pos"]
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    use_cache = steps > 1
+    # explicit positions: a left-padded row gets the same positions as it would alone
+    explicit_positions = kind == "decoder" and _accepts(model, "position_ids")
+    cache_arg = "cache" if _accepts(model, "cache") else "past_key_values"  # renamed in transformers 5.x
+    if kind == "encoder_decoder":
+        encoder_outputs = model.get_encoder()(input_ids=ids, attention_mask=attn)
+        start = torch.full((ids.shape[0], 1), model.config.decoder_start_token_id, device=ids.device)
+        inputs = {"encoder_outputs": encoder_outputs, "attention_mask": attn, "decoder_input_ids": start}
+    else:
+        inputs = {"input_ids": ids, "attention_mask": attn}
+        if explicit_positions:
+            inputs["position_ids"] = (attn.cumsum(-1) - 1).clamp(min=0)
+    with project_only(model, None if kind != "encoder" else read_pos):
+        out = model(**inputs, use_cache=use_cache, output_hidden_states=emit_dense)
+    reps = torch.log1p(torch.relu(out.logits[:, -1].float()))
+    dense = None
+    if emit_dense:
+        hidden = out.decoder_hidden_states[-1] if kind == "encoder_decoder" else out.hidden_states[-1]
+        dense = hidden[rows, read_pos if kind == "encoder" else -1].float()
+    for _ in range(steps - 1):  # greedy continuation with the KV cache; one new position a step
+        next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
+        if kind == "encoder_decoder":
+            inputs = {"encoder_outputs": encoder_outputs, "attention_mask": attn, "decoder_input_ids": next_ids}
+        else:
+            attn = torch.cat([attn, torch.ones_like(next_ids)], dim=1)
+            inputs = {"input_ids": next_ids, "attention_mask": attn}
+            if explicit_positions:
+                inputs["position_ids"] = attn.sum(-1, keepdim=True) - 1
+        with project_only(model, None):
+            out = model(**inputs, **{cache_arg: getattr(out, cache_arg)}, use_cache=True)
+        reps = torch.maximum(reps, torch.log1p(torch.relu(out.logits[:, -1].float())))
+    return reps, dense
+
+
+# ---------------------------------------------------------------------------------------------- in_text_only
+
+class TextVocabulary:
+    """Vocabulary ids of a text's non-stopword words.
+
+    A word is a `\\w+` match; stopwords (lsr_core.stopwords, case-insensitive) are skipped. Each remaining word is
+    tokenized alone, as written and lower-cased, each both bare and with a leading space — so BPE vocabularies
+    contribute the word-initial variant (GPT-2/Llama-3 `Ġword`, SentencePiece `▁word`) besides the bare one, and a
+    word split into pieces contributes all its pieces. Ids whose surface is empty, whitespace or itself a stopword
+    (e.g. a lone `▁`, or `s` from a split) and special tokens are dropped. Results are cached per word.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.special = set(tokenizer.all_special_ids)
+        self.words: dict[str, frozenset[int]] = {}
+
+    def _useful(self, token_id: int) -> bool:
+        surface = self.tokenizer.decode([token_id]).strip().lower()
+        return token_id not in self.special and bool(surface) and surface not in ENGLISH_STOPWORDS
+
+    def word_ids(self, word: str) -> frozenset[int]:
+        if word not in self.words:
+            ids = set()
+            for form in {word, word.lower()}:
+                for variant in (form, " " + form):
+                    ids.update(self.tokenizer.encode(variant, add_special_tokens=False))
+            self.words[word] = frozenset(i for i in ids if self._useful(i))
+        return self.words[word]
+
+    def __call__(self, text: str) -> set[int]:
+        ids: set[int] = set()
+        for word in set(WORD.findall(text)):
+            if word.lower() not in ENGLISH_STOPWORDS:
+                ids |= self.word_ids(word)
+        return ids
+
+
+def keep_text_terms(reps: torch.Tensor, allowed: list[set[int]]) -> tuple[torch.Tensor, int]:
+    """Zero every id outside each row's `allowed` set; rows left with no positive weight keep the full vector.
+    reps [B, V] -> (reps [B, V], number of rows that fell back)."""
+    mask = torch.zeros_like(reps, dtype=torch.bool)
+    for row, ids in enumerate(allowed):
+        if ids:
+            mask[row, torch.tensor(sorted(ids), dtype=torch.long, device=reps.device)] = True
+    kept = reps * mask
+    empty = ~(kept > 0).any(dim=1)
+    return torch.where(empty[:, None], reps, kept), int(empty.sum())
+
+
+# ------------------------------------------------------------------------------------------------------------ main
+
+def dense_name(shard: int) -> str:
+    return f"dense-part-{shard:05d}.npy"
+
+
+def main(argv=None) -> Path:
+    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    enc, zs = cfg.encode, cfg.zeroshot
+    if not enc.input:
+        raise ConfigError("'encode.input' is empty: give the corpus or queries file")
+    is_query = enc.kind == "query"
+    template = zs.query_template if is_query else zs.doc_template
+    if "{text}" not in template:
+        raise ConfigError(f"'zeroshot.{'query' if is_query else 'doc'}_template' must contain {{text}}")
+    topk = zs.query_topk if is_query else zs.doc_topk
+    max_len = cfg.model.max_query_len if is_query else cfg.model.max_doc_len
+    out = Path(enc.output or cfg.output_dir / "encode" / ("queries" if is_query else "corpus"))
+    ids, texts = read_input(enc.input, enc.kind)
+
+    accelerator = Accelerator()
+    if accelerator.device.type == "cuda" and cfg.model.dtype == "float32":
+        cfg.model.dtype = "bfloat16"  # inference in bf16 on GPU; activations are taken in float32
+    started = time.time()
+    model, kind = load_backbone(cfg.model.name_or_path, cfg.model.kind, gguf_file=cfg.model.gguf_file,
+                                dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    model = model.to(accelerator.device).eval()
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.trust_remote_code)
+    if kind == "encoder" and tokenizer.mask_token is None:
+        raise ModelLoadError(f"'{cfg.model.name_or_path}' is an encoder without a mask token: cannot be prompted")
+    if kind == "encoder" and zs.steps > 1:
+        raise ConfigError(f"'zeroshot.steps' must be 1 for an encoder (MLM) model, got {zs.steps}")
+    load_seconds = time.time() - started
+    vocab = id_to_token_list(tokenizer)
+    text_vocab = TextVocabulary(tokenizer) if zs.in_text_only else None
+
+    per_shard = enc.shard_size or math.ceil(len(ids) / accelerator.num_processes)
+    n_shards = math.ceil(len(ids) / per_shard)
+
+    def finished(shard: int) -> bool:
+        return (out / shard_name(shard)).is_file() and (not zs.emit_dense or (out / dense_name(shard)).is_file())
+
+    mine = [s for s in range(accelerator.process_index, n_shards, accelerator.num_processes) if not finished(s)]
+    out.mkdir(parents=True, exist_ok=True)
+    todo = sum(min(per_shard, len(ids) - s * per_shard) for s in mine)
+    logger.info(f"zero-shot {kind} {cfg.model.name_or_path} (loaded in {load_seconds:.1f}s, {cfg.model.dtype}): "
+                f"{len(ids)} {'queries' if is_query else 'documents'} into {n_shards} shard(s) on "
+                f"{accelerator.num_processes} process(es), batch {enc.batch_size}; this process: {len(mine)} to do",
+                main_process_only=False)
+    started = time.time()
+    fallbacks = 0
+    progress = tqdm(total=todo, disable=not accelerator.is_main_process, desc="zeroshot", unit="text")
+    for shard in mine:
+        lo, hi = shard * per_shard, min(len(ids), (shard + 1) * per_shard)
+        shard_texts = texts[lo:hi]
+        vectors: list[dict | None] = [None] * (hi - lo)
+        dense = None
+        order = sorted(range(len(shard_texts)), key=lambda i: len(shard_texts[i]))  # less padding per batch
+        for start in range(0, len(order), enc.batch_size):
+            positions = order[start:start + enc.batch_size]
+            batch_texts = truncate_texts(tokenizer, [shard_texts[i] for i in positions], max_len)
+            prompts = [build_prompt(tokenizer, kind, template, t, zs) for t in batch_texts]
+            batch = tokenize_prompts(tokenizer, kind, [p for p, _ in prompts], prompts[0][1])
+            with torch.inference_mode():
+                reps, dense_batch = next_token_reps(model, kind, {k: v.to(accelerator.device) for k, v in batch.items()},
+                                                    zs.steps, zs.emit_dense)
+            if text_vocab is not None:
+                reps, fell_back = keep_text_terms(reps, [text_vocab(t) for t in batch_texts])
+                fallbacks += fell_back
+            for pos, (token_ids, weights) in zip(positions, prune(reps, topk, enc.threshold)):
+                vectors[pos] = to_vector(token_ids, weights, vocab, enc.quant_scale)
+            if dense_batch is not None:
+                if dense is None:
+                    dense = np.zeros((hi - lo, dense_batch.shape[1]), dtype=np.float32)
+                dense[positions] = dense_batch.cpu().numpy()
+            progress.update(len(positions))
+        if dense is not None:
+            atomic_write_json(out / dense_name(shard).replace(".npy", ".ids.json"), ids[lo:hi])
+            with atomic_open(out / dense_name(shard), "wb") as f:
+                np.save(f, dense)
+        writer = ShardWriter(out / shard_name(shard))
+        for rid, vec in zip(ids[lo:hi], vectors):
+            writer.add(rid, vec)
+        writer.close()  # last and atomic: the shard (and its dense part) count as done only once it exists
+    progress.close()
+    elapsed = time.time() - started
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        cfg.encode.topk = topk  # meta.json records the top-k actually applied
+        meta = summarize(cfg, out, ids, n_shards, is_query, len(vocab))
+        meta["config_hash"] = config_hash(cfg, ("model", "zeroshot"))
+        meta["seconds_last_run"] = round(elapsed, 2)
+        write_meta(out, meta)
+        save_config(cfg, out)
+        rate = todo / elapsed if elapsed > 0 else 0.0
+        print(f"zero-shot encoded {meta['count']} {'queries' if is_query else 'docs'} ({todo} this run, {rate:.2f}/s, "
+              f"in_text_only fallbacks {fallbacks if text_vocab else 'n/a'}) into {out}: nnz mean "
+              f"{meta['nnz_mean']:.1f}, p99 {meta['nnz_p99']:.0f}, empty {meta['empty']}"
+              + (f", FLOPs {meta['flops']:.2f}" if meta.get("flops") is not None else ""))
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, InputError, ModelLoadError) as err:
+        sys.exit(f"error: {err}")
