@@ -40,13 +40,15 @@ logger = get_logger(__name__)
 
 class EpochView(torch.utils.data.Dataset):
     """The examples in a seeded order that changes per epoch; the loader reads it sequentially, so a resumed run
-    can skip exactly the batches already done."""
+    can skip exactly the batches already done. (Not named `set_epoch`: accelerate's loaders call
+    `dataset.set_epoch(<times this loader was iterated>)`, which restarts at 0 for the loader that
+    `skip_first_batches` builds on resume.)"""
 
     def __init__(self, examples, seed: int):
         self.examples, self.seed = examples, seed
-        self.set_epoch(0)
+        self.shuffle_for_epoch(0)
 
-    def set_epoch(self, epoch: int) -> None:
+    def shuffle_for_epoch(self, epoch: int) -> None:
         generator = torch.Generator().manual_seed(self.seed * 1000 + epoch)
         self.order = torch.randperm(len(self.examples), generator=generator).tolist()
 
@@ -143,8 +145,11 @@ def main(argv=None) -> Path:
                 "teacher": batch.teacher_scores}
 
     dataset = EpochView(examples, cfg.exp.seed)
+    # its own generator: each new iterator draws a worker seed from it, and from the global RNG otherwise, which a
+    # resumed run (a fresh iterator mid-epoch) would draw at another point than an uninterrupted one, moving dropout
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=False, drop_last=True,
-                                         collate_fn=collate_tokenized, num_workers=cfg.train.num_workers)
+                                         collate_fn=collate_tokenized, num_workers=cfg.train.num_workers,
+                                         generator=torch.Generator().manual_seed(cfg.exp.seed))
     if len(loader) == 0:
         raise InputError(f"{len(examples)} training examples make no full batch of {cfg.train.batch_size}")
     optimizer, scheduler = make_optimizer(cfg, model, accelerator)
@@ -179,9 +184,13 @@ def main(argv=None) -> Path:
                 f"{accelerator.num_processes} processes x {cfg.train.grad_accum} accumulation", main_process_only=True)
     progress = tqdm(total=cfg.train.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
     log_path, started = out / "train_log.jsonl", time.time()
+    if accelerator.is_main_process and log_path.exists():
+        # a fresh run starts a new log; a resumed one drops the steps it redoes (logged after its checkpoint)
+        kept = [line for line in log_path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
+        log_path.write_text("".join(kept))
     gather = cfg.train.cross_device_negatives and accelerator.num_processes > 1
     while step < cfg.train.max_steps:
-        dataset.set_epoch(epoch)
+        dataset.shuffle_for_epoch(epoch)
         batches = accelerator.skip_first_batches(loader, skip) if skip else loader
         skip = 0
         for batch in batches:
