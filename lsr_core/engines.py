@@ -256,7 +256,12 @@ class SeismicEngine(Engine):
         components = [queries.indices[queries.indptr[r]:queries.indptr[r + 1]].astype(str).astype(string) for r in rows]
         values = [queries.data[queries.indptr[r]:queries.indptr[r + 1]].astype(np.float32) for r in rows]
         results = self.index.batch_search(ids, components, values, k=topk, num_threads=threads, **params)
-        return [[(int(doc), score) for _, score, doc in hits] for hits in results]
+        # Place hits by the query id they carry: with several threads the lists do not come back in query order.
+        run = [[] for _ in rows]
+        for hits in results:
+            for qid, score, doc in hits:
+                run[int(qid)].append((int(doc), score))
+        return run
 
 
 class MilvusEngine(Engine):
