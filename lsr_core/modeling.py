@@ -125,10 +125,16 @@ class _SparseMLMPool(torch.autograd.Function):
         argmax = torch.empty(batch, vocab, dtype=torch.long, device=feats.device) if pooling == "max" else None
         for start in range(0, vocab, chunk):
             stop = min(vocab, start + chunk)
-            logits = _mm_float32(flat, weight[start:stop].to(dtype).T).view(batch, length, stop - start)
+            w_chunk = weight[start:stop].to(dtype).T
+            if pooling == "max" and not feats.is_cuda:
+                # CPU matmuls round to the operand dtype anyway: keep bf16 logits, halving the mask and max passes
+                logits = (flat @ w_chunk).view(batch, length, stop - start)
+            else:
+                logits = _mm_float32(flat, w_chunk).view(batch, length, stop - start)
             if pooling == "max":
                 logits.masked_fill_(~keep[:, :, None], float("-inf"))
                 values, argmax[:, start:stop] = logits.max(dim=1)
+                values = values.float()
                 if bias is not None:
                     values += bias[start:stop].float()
                 out[:, start:stop] = torch.log1p(torch.relu(values))
