@@ -16,6 +16,7 @@ length-sorted batches to avoid padding waste, then written in input order.
 """
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
@@ -160,6 +161,7 @@ def summarize(cfg, out: Path, ids: list[str], n_shards: int, is_query: bool, voc
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         main()
     except (ConfigError, InputError, ModelLoadError) as err:

@@ -16,6 +16,7 @@ Steps, warm-ups and regularizer schedules count optimizer steps (after gradient 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -160,16 +161,16 @@ def main(argv=None) -> Path:
     loss_fn = LOSSES[cfg.train.loss]
     q_reg, d_reg = REGULARIZERS[cfg.train.q_reg], REGULARIZERS[cfg.train.d_reg]
 
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out)
     ckpt_dir = out / "checkpoints"
     step, epoch, skip = 0, 0, 0
     resume_from = last_checkpoint(ckpt_dir) if cfg.train.resume == "auto" else \
         (Path(cfg.train.resume) if cfg.train.resume else None)
+    if resume_from is not None and not (resume_from / "trainer_state.json").is_file():
+        raise InputError(f"'train.resume': {resume_from} is not a complete checkpoint")
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out)
     if resume_from is not None:
-        if not (resume_from / "trainer_state.json").is_file():
-            raise InputError(f"'train.resume': {resume_from} is not a complete checkpoint")
         accelerator.load_state(str(resume_from))
         state = json.loads((resume_from / "trainer_state.json").read_text())
         step, epoch = state["step"], state["epoch"]
@@ -214,7 +215,7 @@ def main(argv=None) -> Path:
             d_weight.step()
             progress.update(1)
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                record = {"step": step, "loss": float(rank_loss.detach()), "reg": float(reg),
+                record = {"step": step, "loss": float(rank_loss.detach()), "reg": float(reg.detach()) if torch.is_tensor(reg) else float(reg),
                           "q_nnz": float((q_reps > 0).sum(1).float().mean()),
                           "d_nnz": float((d_reps > 0).sum(1).float().mean()), "lr": scheduler.get_last_lr()[0]}
                 accelerator.log(record, step=step)
@@ -276,6 +277,7 @@ def split_state_dict(model, full_state: dict) -> dict:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         main()
     except (ConfigError, InputError, ModelLoadError) as err:
