@@ -103,6 +103,8 @@ def main(argv=None) -> Path:
     if accelerator.device.type == "cuda" and cfg.model.dtype == "float32":
         cfg.model.dtype = "bfloat16"  # inference in bf16 on GPU; the head pools in float32
     model = build_model(cfg.model).to(accelerator.device).eval()
+    if enc.max_length:
+        setattr(model.spec, "max_query_len" if is_query else "max_doc_len", enc.max_length)
     vocab = id_to_token_list(model.tokenizer)
     per_shard = enc.shard_size or math.ceil(len(ids) / accelerator.num_processes)
     n_shards = math.ceil(len(ids) / per_shard)
