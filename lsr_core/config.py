@@ -123,7 +123,7 @@ class EncodeConfig:
 
 @dataclass
 class IndexConfig:
-    engine: str = "exact"  # exact | qdrant-edge | seismic | milvus
+    engine: str = "qdrant-edge"  # exact | qdrant-edge | seismic | milvus (default chosen by bench/search.py on real vectors)
     input: str = ""  # folder of encoded documents
     output: str = ""  # default: <output_dir>/index/<engine>
     seismic_n_postings: int = 1000

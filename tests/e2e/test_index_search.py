@@ -91,7 +91,7 @@ def test_index_then_search(run_dir, truth, engine):
 
 
 def test_missing_index_and_input(tmp_path):
-    with pytest.raises(InputError, match=r"index not found: .*index/exact \(run index.py first\)"):
+    with pytest.raises(InputError, match=r"index not found: .*index/qdrant-edge \(run index.py first\)"):
         search.main([f"--exp.output_dir={tmp_path}"])
     with pytest.raises(InputError, match="encoded documents not found"):
         index.main([f"--exp.output_dir={tmp_path}"])
