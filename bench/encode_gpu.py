@@ -1,0 +1,249 @@
+"""Document encoding throughput on one GPU: our encoder (encode.py's path) vs sentence-transformers' SparseEncoder.
+
+    python bench/encode_gpu.py --model bert-base --docs 16000 --out $OUT/encode.jsonl
+    python bench/encode_gpu.py --model llama1b --docs 4000 --out $OUT/encode.jsonl
+    python bench/encode_gpu.py --tiny                      # CPU smoke run
+
+Corpus: random words, lengths uniform in [--min-words, --max-words] (MS MARCO-like 60-250 tokens); a word-level
+tokenizer over as many words as the model's vocabulary, so one word = one token. Models are random-initialised at
+the real shape and saved once (bf16): bert-base (BertForMaskedLM, 12 x 768, vocab 30522) and llama1b (Llama-3.2-1B
+shape: hidden 2048, 16 layers, 32 heads / 8 KV heads, intermediate 8192, vocab 128256, tied embeddings).
+  ours: `build_model(..., dtype=bfloat16)` + `encode.encode_shard` (length-sorted batches, tokenise, forward with the
+        sparse MLM head), each batch's reps turned into a sparse COO tensor on the GPU; and the same batches
+        tokenised by DataLoader workers into pinned memory (a proposed change to encode.py)
+  ST:   SparseEncoder([MLMTransformer(folder), SpladePooling("max")]) in bf16, `.encode(texts, batch_size)`
+        (it also sorts by length; default output: sparse COO tensors)
+Both get the same texts, batch size and weights, after a warm-up on the first batches. A random model activates
+nearly every vocabulary term; the output bias is shifted (calibrated on the warm-up texts, same shift for both) so
+that documents keep ~--target-nnz terms, as trained SPLADE models do.
+MFU: sum over documents of (2 * N * L + 2 * H * V * L + 4 * layers * L^2 * d_model) over time and --peak-tflops
+(N: non-embedding, non-vocabulary parameters; L: the document's real tokens, padding not counted).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from encode import encode_shard  # noqa: E402
+from lsr_core.config import ModelConfig  # noqa: E402
+from lsr_core.modeling import build_model  # noqa: E402
+
+
+class _NoProgress:
+    def update(self, n):
+        pass
+
+
+def hf_config(name: str, tiny: bool):
+    import transformers
+
+    if name == "bert-base":
+        if tiny:
+            return transformers.BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                           intermediate_size=128)
+        return transformers.BertConfig()
+    if tiny:
+        return transformers.LlamaConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                        num_key_value_heads=1, intermediate_size=128, tie_word_embeddings=True)
+    return transformers.LlamaConfig(vocab_size=128256, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                                    num_key_value_heads=8, intermediate_size=8192, tie_word_embeddings=True,
+                                    max_position_embeddings=4096)
+
+
+def make_model_folder(name: str, tiny: bool) -> tuple[Path, object]:
+    import transformers
+
+    from tests.tiny import make_tokenizer
+
+    cfg = hf_config(name, tiny)
+    kind = "encoder" if name == "bert-base" else "decoder"
+    folder = Path(tempfile.mkdtemp(prefix=f"bench_{name}_"))
+    tok = make_tokenizer(folder, kind, [f"w{i}" for i in range(cfg.vocab_size - (5 if kind == "encoder" else 4))])
+    cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
+    cls = transformers.BertForMaskedLM if kind == "encoder" else transformers.LlamaForCausalLM
+    with device:
+        model = cls._from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    del model
+    return folder, cfg
+
+
+def make_texts(n: int, vocab_words: int, lo: int, hi: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(f"w{rng.randrange(vocab_words)}" for _ in range(rng.randint(lo, hi))) for _ in range(n)]
+
+
+def encode_flops(cfg, n_params: int, lengths: list[int]) -> float:
+    d_model, layers, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    return float(sum(2 * n_params * n + 2 * d_model * vocab * n + 4 * layers * n * n * d_model for n in lengths))
+
+
+def body_params(backbone) -> int:
+    skip = {id(p) for m in (backbone.get_input_embeddings(), backbone.get_output_embeddings()) for p in m.parameters()}
+    return sum(p.numel() for name, p in backbone.named_parameters()
+               if id(p) not in skip and "position_embeddings" not in name and "token_type" not in name)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def output_bias_shift(model, warm, args) -> float:
+    """The shift c such that a bias of -c on the vocabulary projection leaves ~target_nnz terms per document:
+    a random-init model activates nearly every term, which would time a dense-output conversion rather than
+    encoding. Pooled values are log1p(max logit), so c is the expm1 of that quantile of the unbiased reps."""
+    with torch.inference_mode():
+        reps = torch.cat([r for _, r in encode_shard(model, warm, False, args.batch, _NoProgress())]).float()
+    keep = min(1.0, args.target_nnz / reps.shape[1])
+    sample = reps.flatten()[torch.randperm(reps.numel(), device=reps.device)[:1 << 22]]
+    return float(torch.expm1(torch.quantile(sample, 1 - keep)))
+
+
+def shift_bias(backbone, shift: float) -> None:
+    projection = backbone.get_output_embeddings()
+    if projection.bias is None:  # Llama: no bias; the head supports one
+        projection.bias = torch.nn.Parameter(torch.zeros(projection.weight.shape[0], dtype=projection.weight.dtype,
+                                                         device=projection.weight.device), requires_grad=False)
+    projection.bias.data.sub_(shift)
+
+
+def loader_batches(model, texts, batch_size, workers):
+    """encode.py's length-sorted batches, tokenised in DataLoader workers into pinned memory (proposed for
+    encode.py): the GPU no longer waits for the tokenizer."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    groups = [[texts[i] for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
+    return torch.utils.data.DataLoader(groups, batch_size=None, num_workers=workers, pin_memory=True,
+                                       collate_fn=lambda group: model.tokenize(group, is_query=False))
+
+
+def bench_ours(folder, texts, warm, args, device, loader: bool):
+    model = build_model(ModelConfig(name_or_path=str(folder), dtype="bfloat16")).to(device).eval()
+    if args.target_nnz and args.shift is None:
+        args.shift = output_bias_shift(model, warm, args)
+    if args.shift:
+        shift_bias(model.doc_backbone, args.shift)
+
+    def run(part):
+        nnz = 0
+        if not loader:
+            for _, reps in encode_shard(model, part, False, args.batch, _NoProgress()):
+                nnz += reps.to_sparse()._nnz()
+            return nnz
+        with torch.inference_mode():
+            for batch in loader_batches(model, part, args.batch, args.workers):
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                nnz += model.encode_batch(batch, is_query=False).to_sparse()._nnz()
+        return nnz
+
+    run(warm)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    began = time.perf_counter()
+    nnz = run(texts)
+    sync(device)
+    seconds = time.perf_counter() - began
+    lengths = [len(ids) for ids in model.tokenizer(texts)["input_ids"]]
+    return seconds, lengths, body_params(model.doc_backbone), nnz / len(texts)
+
+
+def bench_st(folder, texts, warm, args, device):
+    from sentence_transformers import SparseEncoder
+    try:
+        from sentence_transformers.sparse_encoder.modules import MLMTransformer, SpladePooling
+    except ImportError:  # sentence-transformers < 6.2
+        from sentence_transformers.sparse_encoder.models import MLMTransformer, SpladePooling
+
+    encoder = SparseEncoder(modules=[MLMTransformer(str(folder)), SpladePooling(pooling_strategy="max")],
+                            device=str(device)).to(torch.bfloat16).eval()
+    if args.shift:
+        shift_bias(encoder[0].auto_model, args.shift)
+    encoder.encode(warm, batch_size=args.batch)
+    sync(device)
+    began = time.perf_counter()
+    out = encoder.encode(texts, batch_size=args.batch)
+    sync(device)
+    seconds = time.perf_counter() - began
+    nnz = out._nnz() if hasattr(out, "_nnz") else sum(o._nnz() for o in out)
+    return seconds, nnz / len(texts)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["bert-base", "llama1b"], default="bert-base")
+    parser.add_argument("--docs", type=int, default=16000)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--min-words", type=int, default=60)
+    parser.add_argument("--max-words", type=int, default=250)
+    parser.add_argument("--skip-st", action="store_true")
+    parser.add_argument("--workers", type=int, default=8, help="tokenizer workers of the DataLoader variant")
+    parser.add_argument("--target-nnz", type=int, default=150, help="shift the output bias to ~this many terms per "
+                        "document (0 = leave the random model's near-dense output)")
+    parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--out", default="")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.docs, args.batch, args.min_words, args.max_words = 40, 8, 5, 30
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    folder, cfg = make_model_folder(args.model, args.tiny)
+    words = cfg.vocab_size - (5 if args.model == "bert-base" else 4)
+    texts = make_texts(args.docs, words, args.min_words, args.max_words)
+    warm = make_texts(4 * args.batch, words, args.min_words, args.max_words, seed=1)
+    args.shift = None
+    rows = []
+    for loader in (False, True):
+        seconds, lengths, n_params, nnz = bench_ours(folder, texts, warm, args, device, loader)
+        flop = encode_flops(cfg, n_params, lengths)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+        base = {"model": args.model, "docs": args.docs, "batch": args.batch, "mean_tokens": sum(lengths) / len(lengths),
+                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "bias_shift": args.shift}
+        name = f"ours ({args.workers} tokenizer workers + pinned memory)" if loader else "ours (encode.py's encode_shard)"
+        rows.append(dict(base, system=name, seconds=seconds, docs_per_s=args.docs / seconds,
+                         tokens_per_s=sum(lengths) / seconds, mfu=flop / seconds / (args.peak_tflops * 1e12),
+                         peak_mem_gib=peak, nnz_mean=nnz))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if not args.skip_st:
+        try:
+            st_seconds, st_nnz = bench_st(folder, texts, warm, args, device)
+            rows.append(dict(base, system="sentence-transformers SparseEncoder.encode", seconds=st_seconds,
+                             docs_per_s=args.docs / st_seconds, tokens_per_s=sum(lengths) / st_seconds,
+                             mfu=flop / st_seconds / (args.peak_tflops * 1e12), nnz_mean=st_nnz))
+            for r in rows[:-1]:
+                r["speedup_vs_st"] = st_seconds / r["seconds"]
+        except Exception as err:  # e.g. a causal LM, which ST's MLMTransformer (AutoModelForMaskedLM) cannot load
+            rows.append(dict(base, system="sentence-transformers SparseEncoder.encode",
+                             error=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"))
+    if args.out:
+        with open(args.out, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    print("| model | system | docs/s | tokens/s | MFU | note |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['model']} | {r['system']} | - | - | - | {r['error']} |")
+        else:
+            print(f"| {r['model']} | {r['system']} | {r['docs_per_s']:.0f} | {r['tokens_per_s']:.0f} | {r['mfu']:.1%} "
+                  f"| nnz {r['nnz_mean']:.0f} |")
+    for r in rows:
+        if "speedup_vs_st" in r:
+            print(f"speed-up {r['system']} / sentence-transformers: {r['speedup_vs_st']:.2f}x")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
