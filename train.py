@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
+from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
 from accelerate.utils import DeepSpeedPlugin, set_seed
 from tqdm.auto import tqdm
@@ -34,7 +33,7 @@ from lsr_core.config import ConfigError, load_config, save_config
 from lsr_core.data import collate, load_examples
 from lsr_core.losses import LOSSES, NEEDS_TEACHER, REGULARIZERS, RegWeight
 from lsr_core.modeling import ModelLoadError, build_model
-from lsr_core.utils import InputError
+from lsr_core.utils import InputError, accelerator_kwargs
 
 logger = get_logger(__name__)
 
@@ -72,9 +71,7 @@ def make_accelerator(cfg) -> Accelerator:
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=cfg.train.deepspeed,
                                                      gradient_accumulation_steps=cfg.train.grad_accum,
                                                      gradient_clipping=cfg.train.max_grad_norm)
-    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]  # CPU DDP
-        kwargs["cpu"] = True
+    kwargs.update(accelerator_kwargs())  # CPU DDP: gloo
     return Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, mixed_precision=cfg.train.mixed_precision,
                        log_with=None if cfg.train.tracker == "none" else cfg.train.tracker,
                        project_dir=str(cfg.output_dir),

@@ -117,6 +117,7 @@ class EncodeConfig:
     threshold: float = 0.0  # drop weights <= threshold
     quant_scale: float = 0.0  # >0: integer weights round(w * scale)
     shard_size: int = 0  # texts per shard; 0 = one shard per process
+    num_workers: int = 0  # DataLoader workers tokenizing ahead of the model (2-4 on a GPU; 0 on a 2-core CPU)
     max_length: int = 0  # tokens per text; 0 = the model's (model.max_doc_len / max_query_len, or lsr_config.json)
     flops_docs: str = ""  # kind=query: encoded corpus folder for the FLOPs estimate; default: sibling 'corpus'
 
@@ -216,7 +217,7 @@ POSITIVE = {"model.max_query_len", "model.max_doc_len", "train.batch_size", "tra
             "index.seismic_n_postings", "index.seismic_centroid_fraction", "index.seismic_summary_energy",
             "search.seismic_query_cut", "search.seismic_heap_factor", "zeroshot.steps", "data.n_negatives"}
 NON_NEGATIVE = {"train.lr", "train.weight_decay", "train.warmup_steps", "train.q_reg_weight", "train.d_reg_weight",
-                "train.reg_warmup_steps", "train.save_every", "encode.topk", "encode.quant_scale", "encode.max_length",
+                "train.reg_warmup_steps", "train.save_every", "encode.topk", "encode.quant_scale", "encode.max_length", "encode.num_workers",
                 "zeroshot.query_topk", "zeroshot.doc_topk", "model.head_chunk", "train.stop_after",
                 "search.latency_sample"}
 

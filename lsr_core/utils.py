@@ -150,3 +150,15 @@ def stable_bucket(key: str, salt: str = "split") -> float:
 
     digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def accelerator_kwargs() -> dict:
+    """Accelerator arguments for where we run: several CPU processes (no CUDA) need `cpu=True` and the gloo
+    backend; GPUs and single processes need nothing."""
+    import torch
+
+    if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return {}
+    from accelerate import InitProcessGroupKwargs
+
+    return {"cpu": True, "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
