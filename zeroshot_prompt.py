@@ -45,7 +45,7 @@ from lsr_core.config import ConfigError, config_hash, load_config, save_config
 from lsr_core.modeling import ModelLoadError, load_backbone, load_tokenizer
 from lsr_core.sparse import ShardWriter, id_to_token_list, prune, shard_name, to_vector, write_meta
 from lsr_core.stopwords import ENGLISH_STOPWORDS
-from lsr_core.utils import InputError, atomic_open, atomic_write_json
+from lsr_core.utils import InputError, atomic_open, atomic_write_json, accelerator_kwargs
 
 logger = get_logger(__name__)
 
@@ -238,7 +238,7 @@ def main(argv=None) -> Path:
     out = Path(enc.output or cfg.output_dir / "encode" / ("queries" if is_query else "corpus"))
     ids, texts = read_input(enc.input, enc.kind)
 
-    accelerator = Accelerator()
+    accelerator = Accelerator(**accelerator_kwargs())
     if accelerator.device.type == "cuda" and cfg.model.dtype == "float32":
         cfg.model.dtype = "bfloat16"  # inference in bf16 on GPU; activations are taken in float32
     started = time.time()

@@ -26,7 +26,7 @@ def tiny(tmp_path_factory):
 
 def test_docs_queries_then_index_search_evaluate(tiny, tmp_path):
     exp = [f"--exp.output_dir={tmp_path / 'zs'}", "--exp.name=zs", f"--model.name_or_path={tiny['llama']}",
-           "--encode.batch_size=5", "--zeroshot.doc_topk=16", "--zeroshot.query_topk=8"]
+           "--encode.batch_size=5", "--zeroshot.doc_topk=16", "--zeroshot.query_topk=8", "--index.engine=exact"]
     docs = zeroshot_prompt.main(exp + [f"--encode.input={tiny['data'] / 'corpus.jsonl'}", "--encode.kind=doc"])
     queries = zeroshot_prompt.main(exp + [f"--encode.input={tiny['data'] / 'queries.jsonl'}", "--encode.kind=query"])
     assert docs == tmp_path / "zs" / "encode" / "corpus" and queries == tmp_path / "zs" / "encode" / "queries"
@@ -45,7 +45,7 @@ def test_docs_queries_then_index_search_evaluate(tiny, tmp_path):
     assert read_meta(docs)["topk"] == 16
     assert yaml.safe_load((docs / "config.yaml").read_text())["zeroshot"]["doc_topk"] == 16
 
-    index.main(exp + ["--index.engine=exact"])
+    index.main(exp)
     run = search.main(exp + ["--search.topk=10", "--search.latency_sample=0"])
     lines = run.read_text().splitlines()
     assert lines and {line.split()[0] for line in lines} <= {f"q{t}_{i}" for t in range(8) for i in range(6)}
