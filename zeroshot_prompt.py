@@ -281,9 +281,9 @@ def main(argv=None) -> Path:
             batch_texts = truncate_texts(tokenizer, [shard_texts[i] for i in positions], max_len)
             prompts = [build_prompt(tokenizer, kind, template, t, zs) for t in batch_texts]
             batch = tokenize_prompts(tokenizer, kind, [p for p, _ in prompts], prompts[0][1])
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with torch.inference_mode():
-                reps, dense_batch = next_token_reps(model, kind, {k: v.to(accelerator.device) for k, v in batch.items()},
-                                                    zs.steps, zs.emit_dense)
+                reps, dense_batch = next_token_reps(model, kind, batch, zs.steps, zs.emit_dense)
             if text_vocab is not None:
                 reps, fell_back = keep_text_terms(reps, [text_vocab(t) for t in batch_texts])
                 fallbacks += fell_back
