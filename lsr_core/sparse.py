@@ -9,7 +9,6 @@ A shard is complete once its file exists (written atomically); a `.tmp` is never
 """
 from __future__ import annotations
 
-import gzip
 import json
 import math
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from lsr_core.utils import InputError, atomic_write_json
+from lsr_core.utils import InputError, atomic_write_json, read_jsonl
 
 SHARD_PATTERN = "part-*.jsonl.gz"
 
@@ -110,22 +109,12 @@ def read_vectors(folder_or_file: str | Path) -> Iterator[tuple[str, dict]]:
     path = Path(folder_or_file)
     files = list_shards(path) if path.is_dir() else [path]
     for file in files:
-        if not file.is_file():
-            raise InputError(f"{file}: file not found")
-        opener = gzip.open if file.suffix == ".gz" else open
         try:
-            with opener(file, "rt", encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise InputError(f"{file}:{lineno}: corrupt line ({err.msg})") from None
-                    if not isinstance(obj, dict) or "id" not in obj or not isinstance(obj.get("vector"), dict):
-                        raise InputError(f"{file}:{lineno}: expected {{'id': ..., 'vector': {{token: weight}}}}")
-                    yield str(obj["id"]), obj["vector"]
-        except (OSError, EOFError, gzip.BadGzipFile) as err:
+            for lineno, obj in read_jsonl(file):
+                if "id" not in obj or not isinstance(obj.get("vector"), dict):
+                    raise InputError(f"{file}:{lineno}: expected {{'id': ..., 'vector': {{token: weight}}}}")
+                yield str(obj["id"]), obj["vector"]
+        except (OSError, EOFError, UnicodeDecodeError) as err:  # a bad gzip stream is an OSError
             raise InputError(f"{file}: corrupt shard ({err})") from None
 
 
