@@ -1,0 +1,92 @@
+"""Dry run of every paper configuration (yamls/rq1..rq4): each yaml loads, is listed in its scripts/rqN.sh with the
+tiny architecture of its backbone family, and — with its backbone swapped for a tiny random model of that family
+(tests/tiny.py) and everything else kept (heads, decoding, sharing, LoRA, loss, regularizers, gradient
+checkpointing) — takes one training step on CPU (RQ1: prompts one batch zero-shot)."""
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+import train
+import zeroshot_prompt
+from lsr_core.config import load_config
+from lsr_core.sparse import read_meta
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts"))
+import prepare_msmarco  # noqa: E402
+
+RQ_YAMLS = sorted(p for p in (REPO / "yamls").glob("rq[1-4]/*.yaml") if p.name != "base.yaml")
+ROW = re.compile(r'"(\S+)\s+(yamls/rq\d/\S+\.yaml)\s+(\w+)\s+(\S+)"')
+
+
+def tiny_arch(name_or_path: str) -> str:
+    """The tests/tiny.py architecture of a hub backbone's family."""
+    name = name_or_path.lower()
+    for key, arch in (("t5", "t5"), ("opt", "opt"), ("llama", "llama"), ("smollm", "llama")):
+        if key in name:
+            return arch
+    return "bert"  # bert, distilbert, MiniLM
+
+
+@pytest.fixture(scope="module")
+def fixture(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rq_dry")
+    prepare_msmarco.main(["--tiny", "--out", str(root / "data"), "--tiny-models", str(root / "models")])
+    shutil.copy(root / "data" / "scores.minilm.json.gz", root / "data" / "scores.rankllama.json.gz")
+    return root
+
+
+def test_every_paper_yaml_is_in_its_script():
+    assert len(RQ_YAMLS) == 23  # rq1 10, rq2 5, rq3 4, rq4 4
+    for rq in ("rq1", "rq2", "rq3", "rq4"):
+        rows = ROW.findall((REPO / "scripts" / f"{rq}.sh").read_text())
+        listed = {REPO / yaml: arch for _, yaml, arch, _ in rows}
+        assert set(listed) == {p for p in RQ_YAMLS if p.parent.name == rq}, rq
+        for path, arch in listed.items():
+            assert arch == tiny_arch(load_config(["--cfg", str(path)]).model.name_or_path), path
+
+
+def test_paper_values_where_known():
+    for path in RQ_YAMLS:
+        cfg = load_config(["--cfg", str(path)])
+        if path.parent.name == "rq1":
+            assert (cfg.zeroshot.query_topk, cfg.zeroshot.doc_topk) == (1000, 128)
+            continue
+        assert cfg.train.loss == "margin_mse" and cfg.data.format == "msmarco"
+        assert cfg.model.max_doc_len == 250 and (cfg.train.q_reg, cfg.train.d_reg) == ("flops", "flops")
+        assert cfg.train.reg_warmup_steps > 0 and cfg.train.d_reg_weight > 0
+        if "t5" in cfg.model.name_or_path:
+            assert cfg.train.mixed_precision == "bf16"  # T5 overflows in fp16
+
+
+@pytest.mark.parametrize("path", RQ_YAMLS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_dry_run(fixture, tmp_path, path):
+    cfg = load_config(["--cfg", str(path)])
+    data = fixture / "data"
+    argv = ["--cfg", str(path), f"--exp.output_dir={tmp_path / 'run'}",
+            f"--model.name_or_path={fixture / 'models' / tiny_arch(cfg.model.name_or_path)}",
+            "--model.max_query_len=16", "--model.max_doc_len=48", "--model.dtype=float32"]
+    if path.parent.name == "rq1":
+        docs = tmp_path / "docs.tsv"
+        docs.write_text("".join(line + "\n" for line in (data / "collection.tsv").read_text().splitlines()[:3]))
+        out = zeroshot_prompt.main(argv + [f"--encode.input={docs}", "--encode.kind=doc", "--encode.batch_size=3"])
+        assert read_meta(out)["count"] == 3 and read_meta(out)["nnz_mean"] > 0
+        return
+    teacher = Path(cfg.data.teacher_scores).name
+    final = train.main(argv + [
+        "--train.max_steps=1", "--train.batch_size=2", "--train.grad_accum=1", '--train.mixed_precision="no"',
+        "--train.save_every=0", "--train.warmup_steps=0", "--train.num_workers=0", "--train.log_every=1",
+        f"--data.corpus={data / 'collection.tsv'}", f"--data.queries={data / 'queries.train.tsv'}",
+        f"--data.qrels={data / 'qrels.train.tsv'}", f"--data.teacher_scores={data / teacher}"])
+    spec = json.loads((final / "lsr_config.json").read_text())
+    assert (spec["query_head"], spec["doc_head"], spec["shared"]) == \
+        (cfg.model.query_head, cfg.model.doc_head, cfg.model.shared)
+    if spec["kind"] == "encoder_decoder":
+        assert spec["decoding"] == cfg.model.decoding
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1] and log[0]["loss"] == log[0]["loss"]  # one step, finite loss
+    assert not list(final.rglob("adapter_config.json"))  # LoRA merged into the saved weights

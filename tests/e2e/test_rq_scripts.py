@@ -1,0 +1,90 @@
+"""scripts/rq1.sh .. rq4.sh --tiny end to end (tiny random models of each backbone family, the tiny MS MARCO-shaped
+fixture, 2 training steps, exact engine): every configuration ends in a table row with metrics in [0, 1] and FLOPs;
+a rerun skips finished steps; scripts/tables.py lays out the paper's columns. The full scripts are `slow`."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts"))
+import tables  # noqa: E402
+
+NAMES = {"rq1": ["bert_base_uncased", "flan_t5_base", "flan_t5_large", "flan_t5_xl", "flan_t5_xxl", "opt_350m",
+                 "opt_1_3b", "opt_2_7b", "opt_6_7b", "opt_13b"],
+         "rq2": ["distilsplade_max", "flan_t5_encoder_only", "flan_t5_multi_token", "flan_t5_decoder_only",
+                 "opt_350m"],
+         "rq3": ["flan_t5_single_token", "flan_t5_multi_token", "qmlm_dmlp", "qmlp_dmlm"],
+         "rq4": ["flan_t5_large", "opt_1_3b", "opt_6_7b_lora", "opt_1_3b_rankllama"]}
+
+
+def run_script(rq: str, root: Path, *args: str) -> str:
+    env = dict(os.environ, PY=sys.executable, HF_HUB_OFFLINE="1")
+    proc = subprocess.run(["bash", str(REPO / "scripts" / f"{rq}.sh"), "--tiny", "--out", str(root), *args],
+                          capture_output=True, text=True, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def check_table(root: Path, rq: str, names: list[str]) -> dict:
+    table = json.loads((root / rq / "table.json").read_text())
+    assert list(table["rows"]) == names
+    assert table["columns"][:2] == ["MS MARCO dev MRR@10", "MS MARCO dev R@1000"]
+    assert "DL19 nDCG@10" in table["columns"] and "DL20 R@1000" in table["columns"]
+    for name, row in table["rows"].items():
+        for column, value in row.items():
+            if column in ("FLOPs", "q nnz", "d nnz"):
+                assert value > 0, (name, column)
+            else:
+                assert 0.0 <= value <= 1.0, (name, column)
+        assert row["MS MARCO dev R@1000"] == 1.0  # 48 documents: everything is retrieved
+    md = (root / rq / "table.md").read_text()
+    assert all(f"| {n} |" in md for n in names)
+    assert (root / rq / "table.png").read_bytes()[:4] == b"\x89PNG"
+    return table
+
+
+def test_tables_layout(tmp_path):
+    for s, metrics in (("dev", {"mrr@10": 0.38, "recall@1000": 0.97, "ndcg@10": 0.45}),
+                       ("dl19", {"ndcg@10": 0.71, "recall@1000-l2": 0.82, "mrr@10-l2": 0.9})):
+        (tmp_path / "eval" / s).mkdir(parents=True)
+        (tmp_path / "eval" / s / "metrics.json").write_text(json.dumps({"a": metrics}))
+    (tmp_path / "a" / "encode" / "queries").mkdir(parents=True)
+    (tmp_path / "a" / "encode" / "queries" / "meta.json").write_text(json.dumps({"flops": 1.5, "nnz_mean": 20.0}))
+    rows = tables.main(["--root", str(tmp_path), "--names", "a", "b", "--title", "T"])
+    assert rows["a"] == {"MS MARCO dev MRR@10": 0.38, "MS MARCO dev R@1000": 0.97, "MS MARCO dev nDCG@10": 0.45,
+                         "DL19 nDCG@10": 0.71, "DL19 R@1000": 0.82, "FLOPs": 1.5, "q nnz": 20.0, "d nnz": None}
+    md = (tmp_path / "table.md").read_text()
+    assert "| a | 0.3800 | 0.9700 | 0.4500 | 0.7100 | 0.8200 | 1.50 | 20.00 | – |" in md
+    assert "| b | – | – | – | – | – | – | – | – |" in md  # not run: shown, empty
+
+
+def test_rq2_only_one_config_then_rerun_skips(tmp_path):
+    out = run_script("rq2", tmp_path, "--only", "distilsplade_max")
+    check_table(tmp_path, "rq2", ["distilsplade_max"])
+    assert "distilsplade_max: train" in out and "opt_350m" not in out.split("== table")[0]
+    run = tmp_path / "rq2" / "search" / "distilsplade_max.trec"
+    mtime, started = run.stat().st_mtime_ns, time.time()
+    out = run_script("rq2", tmp_path, "--only", "distilsplade_max")
+    assert run.stat().st_mtime_ns == mtime and "trained 2 steps" not in out and "encoded" not in out
+
+
+@pytest.fixture(scope="module")
+def shared_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("rq_tiny")  # one fixture set and one set of tiny models for the four scripts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rq", ["rq1", "rq2", "rq3", "rq4"])
+def test_rq_script_tiny(shared_root, rq):
+    out = run_script(rq, shared_root)
+    check_table(shared_root, rq, NAMES[rq])
+    assert f"{rq} (tiny) done" in out
+    if rq == "rq4":  # the teacher of opt_1_3b_rankllama was made by teacher_scores.py (tiny cross-encoder)
+        assert (shared_root / "data" / "scores.rankllama.json.gz").is_file()
+        cfg = (shared_root / "rq4" / "opt_1_3b_rankllama" / "config.yaml").read_text()
+        assert "scores.rankllama.json.gz" in cfg
