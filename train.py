@@ -79,13 +79,14 @@ def make_accelerator(cfg) -> Accelerator:
 
 
 def make_optimizer(cfg, model, accelerator):
-    from accelerate.utils import DummyOptim, DummyScheduler
     from transformers import get_scheduler
 
     params = [p for p in model.parameters() if p.requires_grad]
     ds = accelerator.state.deepspeed_plugin
     ds_config = ds.deepspeed_config if ds is not None else {}
     if "optimizer" in ds_config:  # the DeepSpeed json owns the optimizer
+        from accelerate.utils import DummyOptim  # exported only where deepspeed is installed
+
         optimizer = DummyOptim(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     elif cfg.train.optimizer == "adamw_8bit":
         import bitsandbytes as bnb
@@ -94,6 +95,8 @@ def make_optimizer(cfg, model, accelerator):
     else:
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     if "scheduler" in ds_config:
+        from accelerate.utils import DummyScheduler
+
         scheduler = DummyScheduler(optimizer, total_num_steps=cfg.train.max_steps, warmup_num_steps=cfg.train.warmup_steps)
     else:
         # accelerate steps a prepared scheduler once per process per optimizer step: scale to match

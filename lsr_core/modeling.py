@@ -329,6 +329,12 @@ def load_backbone(name: str, kind: str = "auto", *, gguf_file: str = "", dtype: 
         model = _auto_class(kind).from_pretrained(name, **kwargs)
     except OSError as err:
         raise ModelLoadError(f"cannot load model: {_offline_hint(name)} ({str(err).splitlines()[0]})") from None
+    if gguf_file:
+        # a GGUF-loaded model refuses save_pretrained: rebuild it from its config and take over the de-quantised
+        # weights, so train.py can save what it trains
+        plain = _auto_class(kind).from_config(model.config, dtype=getattr(torch, dtype))
+        plain.load_state_dict(model.state_dict())
+        model = plain
     if (Path(name) / "adapter_config.json").is_file():  # a PEFT adapter folder: merge for inference
         from peft import PeftModel
 
@@ -539,7 +545,9 @@ def build_model(mcfg, training: bool = False) -> SparseModel:
         spec = LSRSpec(**data)
     else:
         spec = None
-    load_kw = dict(gguf_file=mcfg.gguf_file, dtype=mcfg.dtype, trust_remote_code=mcfg.trust_remote_code,
+    # a folder saved by SparseModel.save holds plain HF weights, even when training started from a GGUF file
+    gguf_file = "" if spec is not None else mcfg.gguf_file
+    load_kw = dict(gguf_file=gguf_file, dtype=mcfg.dtype, trust_remote_code=mcfg.trust_remote_code,
                    quantization=mcfg.quantization, attn_implementation=mcfg.attn_implementation)
     if spec is not None and not spec.shared:
         q_backbone, kind = load_backbone(str(Path(name) / "query"), spec.kind, **load_kw)
@@ -547,7 +555,7 @@ def build_model(mcfg, training: bool = False) -> SparseModel:
         tokenizer = load_tokenizer(str(Path(name) / "doc"), trust_remote_code=mcfg.trust_remote_code)
     else:
         d_backbone, kind = load_backbone(name, spec.kind if spec else mcfg.kind, **load_kw)
-        tokenizer = load_tokenizer(name, mcfg.gguf_file, mcfg.trust_remote_code)
+        tokenizer = load_tokenizer(name, gguf_file, mcfg.trust_remote_code)
         q_backbone = d_backbone
         if spec is None and not mcfg.shared:
             import copy
