@@ -144,8 +144,8 @@ class SearchConfig:
     name: str = ""  # run tag; default: <exp.name>
     topk: int = 1000
     threads: int = 1
-    seismic_query_cut: int = 10
-    seismic_heap_factor: float = 0.7
+    seismic_query_cut: int = 20  # 20 / 0.8: best recall-latency trade-off in bench/RESULTS.md
+    seismic_heap_factor: float = 0.8
     latency_sample: int = 1000  # queries re-run one at a time (1 thread) for ms/query mean/p99; 0 = skip
 
 

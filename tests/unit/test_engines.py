@@ -140,7 +140,7 @@ def test_config_params():
     cfg = load_config(["--index.seismic_n_postings=500", "--search.seismic_heap_factor=0.9"])
     assert engines.config_params("seismic", cfg.index) == {"n_postings": 500, "centroid_fraction": 0.1,
                                                            "summary_energy": 0.4}
-    assert engines.config_params("seismic", cfg.search) == {"query_cut": 10, "heap_factor": 0.9}
+    assert engines.config_params("seismic", cfg.search) == {"query_cut": 20, "heap_factor": 0.9}
     assert engines.config_params("milvus", cfg.index) == {"uri": "", "algo": "TAAT_NAIVE", "collection": "lsr_docs"}
     assert engines.config_params("qdrant-edge", cfg.index) == {}
     with pytest.raises(ValueError, match="unknown engine"):
