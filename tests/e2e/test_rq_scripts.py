@@ -41,8 +41,10 @@ def check_table(root: Path, rq: str, names: list[str]) -> dict:
                 assert value > 0, (name, column)
             else:
                 assert 0.0 <= value <= 1.0, (name, column)
-        if rq != "rq1":  # trained MLM vectors share terms with every document: all 48 are retrieved
-            assert row["MS MARCO dev R@1000"] == 1.0  # (zero-shot vectors are top-k'd and may share none)
+        if rq != "rq1" and "mlp" not in name:
+            # trained MLM vectors share terms with every document, so all 48 are retrieved; zero-shot vectors are
+            # top-k'd and MLP heads do not expand, so those may share no term with a relevant document
+            assert row["MS MARCO dev R@1000"] == 1.0
     md = (root / rq / "table.md").read_text()
     assert all(f"| {n} |" in md for n in names)
     assert (root / rq / "table.png").read_bytes()[:4] == b"\x89PNG"
