@@ -150,35 +150,29 @@ index_search() {
     $PY search.py "$@" --search.name=$name --search.output=$OUT/search/$name.trec
 }
 
-# run_trained NAME YAML TINY_ARCH WIKI_MODEL: train -> encode corpus + queries -> index -> search
-run_trained() {
-  local name=$1 yaml=$2 arch=$3 wiki=$4 model
+# run_config KIND NAME YAML TINY_ARCH WIKI_MODEL: KIND=trained: train -> encode.py; KIND=zeroshot: zeroshot_prompt.py
+# (RQ1); then corpus + queries -> index -> search
+run_config() {
+  local kind=$1 name=$2 yaml=$3 arch=$4 wiki=$5 model encoder=encode.py
   wanted "$name" || return 0
   model=$(model_override "$arch" "$wiki" "$yaml")
   if [ -z "$model" ]; then echo; echo "== $name: no offline stand-in for its backbone in --$MODE mode, skipped"; return 0; fi
   local dir=$OUT/$name
   local common=(--cfg "$yaml" --exp.output_dir=$dir $model "${EXTRA[@]}")
-  step "$name: train ($yaml)"
-  [ -f "$dir/final/lsr_config.json" ] || "${LAUNCH[@]}" train.py "${common[@]}" $(train_data_overrides "$yaml") --train.resume=auto
-  step "$name: encode, index, search"
-  [ -f "$dir/encode/corpus/meta.json" ] || "${LAUNCH[@]}" encode.py "${common[@]}" --encode.input=$CORPUS --encode.kind=doc
-  [ -f "$dir/encode/queries/meta.json" ] || "${LAUNCH[@]}" encode.py "${common[@]}" --encode.input=$QUERIES --encode.kind=query
+  if [ "$kind" = trained ]; then
+    step "$name: train ($yaml)"
+    [ -f "$dir/final/lsr_config.json" ] || "${LAUNCH[@]}" train.py "${common[@]}" $(train_data_overrides "$yaml") --train.resume=auto
+    step "$name: encode, index, search"
+  else
+    encoder=zeroshot_prompt.py
+    step "$name: zero-shot prompting ($yaml), index, search"
+  fi
+  [ -f "$dir/encode/corpus/meta.json" ] || "${LAUNCH[@]}" $encoder "${common[@]}" --encode.input=$CORPUS --encode.kind=doc
+  [ -f "$dir/encode/queries/meta.json" ] || "${LAUNCH[@]}" $encoder "${common[@]}" --encode.input=$QUERIES --encode.kind=query
   index_search "$name" "${common[@]}"
 }
-
-# run_zeroshot NAME YAML TINY_ARCH WIKI_MODEL: zeroshot_prompt corpus + queries -> index -> search (RQ1)
-run_zeroshot() {
-  local name=$1 yaml=$2 arch=$3 wiki=$4 model
-  wanted "$name" || return 0
-  model=$(model_override "$arch" "$wiki" "$yaml")
-  if [ -z "$model" ]; then echo; echo "== $name: no offline stand-in for its backbone in --$MODE mode, skipped"; return 0; fi
-  local dir=$OUT/$name
-  local common=(--cfg "$yaml" --exp.output_dir=$dir $model "${EXTRA[@]}")
-  step "$name: zero-shot prompting ($yaml), index, search"
-  [ -f "$dir/encode/corpus/meta.json" ] || "${LAUNCH[@]}" zeroshot_prompt.py "${common[@]}" --encode.input=$CORPUS --encode.kind=doc
-  [ -f "$dir/encode/queries/meta.json" ] || "${LAUNCH[@]}" zeroshot_prompt.py "${common[@]}" --encode.input=$QUERIES --encode.kind=query
-  index_search "$name" "${common[@]}"
-}
+run_trained() { run_config trained "$@"; }
+run_zeroshot() { run_config zeroshot "$@"; }
 
 # evaluate every finished run of this RQ on every query set, then the table
 rq_report() {
