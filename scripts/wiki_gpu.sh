@@ -111,11 +111,7 @@ student() {  # $1 = minilm | smollm2; trains, encodes, indexes, searches under $
                 --data.train_file=$D/train.bm25.jsonl --data.corpus=$D/corpus.jsonl --data.queries=$D/queries.train.jsonl
                 ${EXTRA:-})  # EXTRA: more overrides (the CPU smoke test: --train.max_steps=2 --train.batch_size=4)
   local t0=$(date +%s)
-  # train.py imports accelerate.utils.DummyOptim, which accelerate exports only where deepspeed is installed (not on
-  # the device machine): provide it from accelerate.utils.deepspeed, then run train.py unchanged
-  $PY -c 'import runpy, sys, accelerate.utils as u, accelerate.utils.deepspeed as d
-u.DummyOptim, u.DummyScheduler = getattr(u, "DummyOptim", d.DummyOptim), getattr(u, "DummyScheduler", d.DummyScheduler)
-sys.argv[0] = "train.py"; runpy.run_path("train.py", run_name="__main__")' \
+  $PY train.py \
     "${common[@]}" --model.name_or_path=$model || return 1
   local t1=$(date +%s)
   # encoding reads $WG/$name/final
