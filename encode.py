@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from lsr_core.config import ConfigError, config_hash, load_config, save_config
 from lsr_core.modeling import ModelLoadError, build_model
 from lsr_core.sparse import (ShardWriter, flops_estimate, id_to_token_list, load_vectors, nnz_stats, prune,
-                             read_meta, read_vectors, shard_name, to_vector, write_meta)
+                             read_vectors, shard_name, to_vector, write_meta)
 from lsr_core.utils import InputError, accelerator_kwargs, read_texts
 
 logger = get_logger(__name__)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 import math
 import re
 import sys

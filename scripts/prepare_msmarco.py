@@ -31,7 +31,6 @@ against the official ones (EXPECTED) when the data comes from the full MS MARCO;
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import json
 import logging

@@ -33,7 +33,7 @@ def test_tiny_fixture_shape_resume_and_verify(tmp_path):
     assert set(load_texts(out / "queries.eval.tsv")) == \
         {q for s in ("dev", "dl19", "dl20") for q in load_texts(out / f"queries.{s}.tsv")}
     # the training loader reads it as MS MARCO
-    cfg = load_config([f"--data.format=msmarco", f"--data.corpus={out / 'collection.tsv'}",
+    cfg = load_config(["--data.format=msmarco", f"--data.corpus={out / 'collection.tsv'}",
                        f"--data.queries={out / 'queries.train.tsv'}", f"--data.qrels={out / 'qrels.train.tsv'}",
                        f"--data.teacher_scores={out / 'scores.minilm.json.gz'}"])
     examples = load_examples(cfg.data, 1, 0)
