@@ -229,9 +229,7 @@ def _suggest(word: str, options) -> str:
 
 def _coerce(value, typ, key: str, where: str):
     """Check (and for CLI strings, parse) one value against its dataclass field type."""
-    origin = typing.get_origin(typ) or typ
-    if isinstance(typ, str):  # postponed annotations
-        origin = {"str": str, "int": int, "float": float, "bool": bool, "list": list}[typ]
+    origin = typing.get_origin(typ) or typ  # typing.get_type_hints has resolved the annotations
     if origin is bool:
         if isinstance(value, bool):
             return value

@@ -237,19 +237,21 @@ def _load_msmarco(data_cfg, n_negatives: int, rng: random.Random) -> list[TrainE
     if no_positive or too_few:
         logger.info("msmarco: skipped %d scored queries without a scored qrels positive and %d with fewer than %d "
                     "scored non-positive candidates", no_positive, too_few, n_negatives)
-    queries = _texts_for(data_cfg.queries, {qid for qid, *_ in plans}, allow_empty=False)
-    docs = _texts_for(data_cfg.corpus, {d for _, pos, negs, _ in plans for d in [pos, *negs]}, allow_empty=True)
+    queries = texts_for(data_cfg.queries, {qid for qid, *_ in plans}, allow_empty=False)
+    docs = texts_for(data_cfg.corpus, {d for _, pos, negs, _ in plans for d in [pos, *negs]}, allow_empty=True)
     return [TrainExample(qid=qid, query=queries[qid], pos_id=pos_id, pos=docs[pos_id], neg_ids=neg_ids,
                          negs=[docs[d] for d in neg_ids], scores=scores)
             for qid, pos_id, neg_ids, scores in plans]
 
 
-def _texts_for(path: str, wanted: set[str], allow_empty: bool) -> dict[str, str]:
-    """Texts of the `wanted` ids only (the MS MARCO collection is 8.8M passages); a missing id is an error."""
+def texts_for(path: str, wanted: set[str], allow_empty: bool = True,
+              source: str = "teacher scores") -> dict[str, str]:
+    """Texts of the `wanted` ids only (the MS MARCO collection is 8.8M passages); an id missing from `path` is an
+    error naming `source`, where the ids came from."""
     found = {rid: text for rid, text in read_texts(path, allow_empty=True) if rid in wanted}
     missing = wanted - found.keys()
     if missing:
-        raise InputError(f"{path}: {len(missing)} id(s) from the teacher scores are missing, e.g. "
+        raise InputError(f"{path}: {len(missing)} id(s) from the {source} are missing, e.g. "
                          f"'{sorted(missing)[0]}'")
     if not allow_empty:
         empty = sorted(rid for rid, text in found.items() if not text.strip())

@@ -158,7 +158,7 @@ def nnz_stats(nnz: list[int]) -> dict:
     if arr.size == 0:
         return {"count": 0, "empty": 0, "nnz_mean": 0.0, "nnz_p99": 0.0}
     return {"count": int(arr.size), "empty": int((arr == 0).sum()), "nnz_mean": float(arr.mean()),
-            "nnz_p99": float(np.percentile(arr, 99))}
+            "nnz_p99": p99(arr)}
 
 
 def flops_estimate(doc_vectors: list[dict], query_vectors: list[dict]) -> float:

@@ -5,7 +5,6 @@ import csv
 import gzip
 import json
 import os
-import random
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -133,15 +132,6 @@ def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
             except ValueError:
                 raise InputError(f"{path}:{lineno}: field 'rel' must be an integer, got {rel!r}") from None
     return qrels
-
-
-def seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def stable_bucket(key: str, salt: str = "split") -> float:

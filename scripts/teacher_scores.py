@@ -37,9 +37,9 @@ from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from lsr_core.data import load_teacher_scores  # noqa: E402
+from lsr_core.data import load_teacher_scores, texts_for  # noqa: E402
 from lsr_core.modeling import load_tokenizer, resolve_model_path  # noqa: E402
-from lsr_core.utils import InputError, atomic_open, read_texts  # noqa: E402
+from lsr_core.utils import InputError, atomic_open  # noqa: E402
 
 logger = logging.getLogger("teacher_scores")
 
@@ -60,15 +60,6 @@ def read_candidates(path: str) -> dict[str, list[str]]:
     for qid, pid in pairs(path):
         out.setdefault(qid, []).append(pid)
     return out
-
-
-def texts_for(path: str, wanted: set[str], what: str) -> dict[str, str]:
-    found = {rid: text for rid, text in read_texts(path, allow_empty=True) if rid in wanted}
-    missing = wanted - found.keys()
-    if missing:
-        raise InputError(f"{path}: {len(missing)} {what} id(s) from the candidates are missing, e.g. "
-                         f"'{sorted(missing)[0]}'")
-    return found
 
 
 class Scorer:
@@ -160,8 +151,8 @@ def main(argv: list[str] | None = None) -> Path:
             done[row["qid"]] = row["scores"]
         partial.write_text("".join(json.dumps({"qid": q, "scores": s}) + "\n" for q, s in done.items()))
     todo = [(q, c) for q, c in candidates.items() if q not in done]
-    queries = texts_for(args.queries, {q for q, _ in todo}, "query")
-    docs = texts_for(args.corpus, {d for _, c in todo for d in c}, "passage")
+    queries = texts_for(args.queries, {q for q, _ in todo}, source="candidates")
+    docs = texts_for(args.corpus, {d for _, c in todo for d in c}, source="candidates")
     pairs = [(q, d) for q, c in todo for d in c]
     logger.info("%d queries (%d done before), %d pairs to score", len(candidates), len(done), len(pairs))
     scorer = Scorer(args)
