@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from lsr_core.config import ConfigError, load_config, save_config
 from lsr_core.data import collate, load_examples
 from lsr_core.losses import LOSSES, NEEDS_TEACHER, REGULARIZERS, RegWeight
-from lsr_core.modeling import ModelLoadError, build_model
+from lsr_core.modeling import ModelLoadError, build_model, calibrate_logit_shift
 from lsr_core.utils import InputError, accelerator_kwargs
 
 logger = get_logger(__name__)
@@ -111,21 +111,43 @@ def last_checkpoint(folder: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save_checkpoint(accelerator, ckpt_dir: Path, step: int, epoch: int, keep: int) -> None:
+def save_checkpoint(accelerator, ckpt_dir: Path, step: int, epoch: int, keep: int, logit_shift: float) -> None:
     path = ckpt_dir / f"step-{step:06d}"
     accelerator.save_state(str(path))
     if accelerator.is_main_process:
         # trainer_state.json is written last: a checkpoint without it is incomplete and ignored on resume
-        (path / "trainer_state.json").write_text(json.dumps({"step": step, "epoch": epoch}))
+        (path / "trainer_state.json").write_text(json.dumps({"step": step, "epoch": epoch,
+                                                             "logit_shift": logit_shift}))
         for old in sorted(ckpt_dir.glob("step-*"))[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def calibrate(accelerator, model, dataset, tokenize, target: int) -> float:
+    """train.calibrate_nnz: the logit shift at which the documents of the first batch (the same texts on every
+    process) keep `target` terms on average, computed in eval mode (no dropout, no random numbers drawn) and
+    broadcast from the main process so that every replica uses the same value."""
+    from accelerate.utils import broadcast
+
+    sparse = accelerator.unwrap_model(model)
+    if sparse.spec.doc_head != "mlm":
+        raise ConfigError("'train.calibrate_nnz' needs an MLM document head ('model.doc_head=mlm')")
+    docs = collate([dataset[i] for i in range(min(len(dataset), 64))]).docs
+    batch = {k: v.to(accelerator.device) for k, v in tokenize(docs, is_query=False).items()}
+    model.eval()
+    with accelerator.autocast():
+        shift = calibrate_logit_shift(sparse, batch, target)
+    model.train()
+    return float(broadcast(torch.tensor([shift], device=accelerator.device))[0])
 
 
 def main(argv=None) -> Path:
     cfg = load_config(sys.argv[1:] if argv is None else argv)
     if cfg.train.loss in NEEDS_TEACHER and not (cfg.data.teacher_scores or cfg.data.format == "jsonl"):
         raise ConfigError(f"'train.loss={cfg.train.loss}' needs teacher scores ('data.teacher_scores')")
+    if cfg.model.compile != "none" and (cfg.train.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"):
+        raise ConfigError("'model.compile' is not supported with DeepSpeed here: leave it 'none' (or use the "
+                          "DeepSpeed json's own 'compile' section)")
     accelerator = make_accelerator(cfg)
     set_seed(cfg.exp.seed)
     out = cfg.output_dir
@@ -167,15 +189,23 @@ def main(argv=None) -> Path:
         (Path(cfg.train.resume) if cfg.train.resume else None)
     if resume_from is not None and not (resume_from / "trainer_state.json").is_file():
         raise InputError(f"'train.resume': {resume_from} is not a complete checkpoint")
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out)
+    spec = accelerator.unwrap_model(model).spec
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         state = json.loads((resume_from / "trainer_state.json").read_text())
         step, epoch = state["step"], state["epoch"]
+        spec.logit_shift = state.get("logit_shift", spec.logit_shift)  # as calibrated when the run began
         skip = step * cfg.train.grad_accum - epoch * len(loader)  # micro-batches already done in this epoch
         logger.info(f"resumed from {resume_from} at step {step}", main_process_only=True)
+    elif cfg.train.calibrate_nnz:
+        before = spec.logit_shift
+        spec.logit_shift = calibrate(accelerator, model, dataset, tokenize, cfg.train.calibrate_nnz)
+        logger.info(f"train.calibrate_nnz={cfg.train.calibrate_nnz}: model.logit_shift {before:g} -> "
+                    f"{spec.logit_shift:.4f}", main_process_only=True)
+    cfg.model.logit_shift = spec.logit_shift
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out)
     if cfg.train.tracker != "none":
         accelerator.init_trackers(cfg.exp.name, config={k: str(v) for k, v in vars(cfg.train).items()})
 
@@ -224,7 +254,7 @@ def main(argv=None) -> Path:
                         f.write(json.dumps(record) + "\n")
                 progress.set_postfix(loss=f"{record['loss']:.4f}", d_nnz=f"{record['d_nnz']:.0f}")
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.max_steps:
-                save_checkpoint(accelerator, ckpt_dir, step, epoch, cfg.train.keep_checkpoints)
+                save_checkpoint(accelerator, ckpt_dir, step, epoch, cfg.train.keep_checkpoints, spec.logit_shift)
             if cfg.train.stop_after and step >= cfg.train.stop_after:
                 progress.close()
                 logger.info(f"stopping at step {step} (train.stop_after)", main_process_only=True)

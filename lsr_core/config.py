@@ -51,7 +51,10 @@ class ModelConfig:
     trust_remote_code: bool = False
     dtype: str = "float32"  # float32 | bfloat16 | float16: weights when loading for inference
     head_chunk: int = 0  # vocabulary rows per chunk in the MLM head; 0 = automatic
+    logit_shift: float = 0.0  # added to every vocabulary logit of the MLM head before ReLU (train.calibrate_nnz)
     length_buckets: int = 1  # training: split each batch into this many length-sorted sub-batches (less padding)
+    compile: str = "none"  # none | default | reduce-overhead: torch.compile the transformer blocks (train and encode)
+    pad_to_multiple: int = 0  # pad batches to a multiple of this many tokens; 0 = 16 when compiling, else none
     lora: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
@@ -103,6 +106,7 @@ class TrainConfig:
     log_every: int = 10
     num_workers: int = 0
     deepspeed: str = ""  # path to a DeepSpeed json (or use an accelerate config)
+    calibrate_nnz: int = 0  # >0: before training, set model.logit_shift so the first documents keep this many terms
     stop_after: int = 0  # testing aid: exit (as if killed) after this many optimizer steps
 
 
@@ -199,6 +203,7 @@ CHOICES = {
     "model.decoding": ["multi_token", "single_token", "encoder_only", "decoder_only"],
     "model.dtype": ["float32", "bfloat16", "float16"],
     "model.quantization": ["none", "4bit", "8bit"],
+    "model.compile": ["none", "default", "reduce-overhead", "max-autotune"],
     "data.format": ["jsonl", "msmarco"],
     "train.loss": ["margin_mse", "kl", "infonce"],
     "train.q_reg": ["flops", "l1", "none"],
@@ -219,6 +224,7 @@ POSITIVE = {"model.max_query_len", "model.max_doc_len", "train.batch_size", "tra
 NON_NEGATIVE = {"train.lr", "train.weight_decay", "train.warmup_steps", "train.q_reg_weight", "train.d_reg_weight",
                 "train.reg_warmup_steps", "train.save_every", "encode.topk", "encode.quant_scale", "encode.max_length", "encode.num_workers",
                 "zeroshot.query_topk", "zeroshot.doc_topk", "model.head_chunk", "train.stop_after",
+                "model.pad_to_multiple", "train.calibrate_nnz",
                 "search.latency_sample"}
 
 

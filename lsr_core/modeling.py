@@ -60,6 +60,7 @@ class LSRSpec:
     max_query_len: int = 32
     max_doc_len: int = 256
     head_chunk: int = 0
+    logit_shift: float = 0.0  # added to every vocabulary logit before ReLU (set by train.calibrate_nnz)
 
     @classmethod
     def from_model_config(cls, mcfg, kind: str) -> "LSRSpec":
@@ -201,9 +202,10 @@ def sparse_mlm_pool(feats, weight, bias, mask, pooling="max", chunk=0):
     return _SparseMLMPool.apply(feats, weight, bias, mask, pooling, chunk)
 
 
-def _max_pool_inference(feats, weight, bias, mask, chunk):
+def _max_pool_inference(feats, weight, bias, mask, chunk, activate: bool = True):
     """Encoding path of max pooling: no argmax to keep, and on the CPU the logits stay in the matmul dtype (bf16
-    halves the memory passes of masking and max; measured 3.5-6x faster than the training path on 2 cores)."""
+    halves the memory passes of masking and max; measured 3.5-6x faster than the training path on 2 cores).
+    `activate=False` returns the pooled logits before ReLU and log1p (what calibration thresholds)."""
     batch, length, hidden = feats.shape
     vocab = weight.shape[0]
     chunk = chunk or 4 * _auto_chunk(batch, vocab, length, feats.device)
@@ -220,7 +222,7 @@ def _max_pool_inference(feats, weight, bias, mask, chunk):
         out[:, start:stop] = logits.amax(dim=1).float()
     if bias is not None:
         out += bias.float()
-    return torch.log1p(torch.relu(out))
+    return torch.log1p(torch.relu(out)) if activate else out
 
 
 def mlp_pool(token_weights: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -374,10 +376,28 @@ def _backbone_inputs(backbone, spec: LSRSpec, batch: dict) -> dict:
     raise ValueError(f"unknown decoding {spec.decoding!r}")
 
 
-def sparse_forward(backbone, spec: LSRSpec, head: str, mlp: nn.Linear | None, batch: dict) -> torch.Tensor:
-    """One tokenized batch -> reps [B, V] (float32, non-negative) with the given backbone and head."""
+def _head_bias(projection: nn.Module, shift: float):
+    """The MLM head's bias: the projection's own (BERT) plus the constant `logit_shift`; None when both are absent."""
+    if not shift:
+        return projection.bias
+    if projection.bias is not None:
+        return projection.bias + shift
+    return torch.full((projection.weight.shape[0],), shift, dtype=torch.float32, device=projection.weight.device)
+
+
+def sparse_forward(backbone, spec: LSRSpec, head: str, mlp: nn.Linear | None, batch: dict,
+                   raw: bool = False) -> torch.Tensor:
+    """One tokenized batch -> reps [B, V] (float32, non-negative) with the given backbone and head.
+    `raw=True` (MLM head, no gradient): the max-pooled logits before ReLU and log1p instead."""
     projection = backbone.get_output_embeddings()
     vocab = projection.weight.shape[0]
+
+    def mlm(feats):
+        bias = _head_bias(projection, spec.logit_shift)
+        if raw:
+            return _max_pool_inference(feats, projection.weight, bias, mask, spec.head_chunk, activate=False)
+        return sparse_mlm_pool(feats, projection.weight, bias, mask, spec.pooling, spec.head_chunk)
+
     if spec.kind == "encoder_decoder" and spec.decoding == "single_token":
         mask = torch.ones_like(batch["input_ids"][:, :1])
     else:
@@ -389,11 +409,9 @@ def sparse_forward(backbone, spec: LSRSpec, head: str, mlp: nn.Linear | None, ba
             return mlp_pool(torch.relu(mlp(hidden.to(mlp.weight.dtype))).squeeze(-1), batch["input_ids"], mask, vocab)
         if getattr(backbone.config, "tie_word_embeddings", False):  # T5 rescales before a tied lm_head
             hidden = hidden * backbone.config.d_model ** -0.5
-        return sparse_mlm_pool(hidden, projection.weight, projection.bias, mask, spec.pooling, spec.head_chunk)
+        return mlm(hidden)
     if head == "mlm":
-        def pooled(feats):
-            return sparse_mlm_pool(feats, projection.weight, projection.bias, mask, spec.pooling, spec.head_chunk)
-        with _projection_swapped(projection, pooled):
+        with _projection_swapped(projection, mlm):
             return backbone(**_backbone_inputs(backbone, spec, batch), use_cache=False).logits
     # MLP: last hidden state -> one weight per input token; the vocabulary projection is skipped entirely
     with _projection_swapped(projection, lambda feats: feats[..., :1]):
@@ -424,6 +442,7 @@ class SparseModel(nn.Module):
         return self.doc_backbone.get_output_embeddings().weight.shape[0]
 
     length_buckets = 1  # set from model.length_buckets by build_model
+    pad_multiple = 0  # set from model.pad_to_multiple: batch widths are rounded up to a multiple (fewer shapes)
 
     def encode_batch(self, batch: dict, is_query: bool) -> torch.Tensor:
         """One tokenized batch -> reps [B, V]. With `length_buckets` > 1 the batch runs as that many length-sorted
@@ -436,7 +455,7 @@ class SparseModel(nn.Module):
         left = self.tokenizer.padding_side == "left" and self.spec.kind == "decoder"
         reps = []
         for idx in order.chunk(self.length_buckets):
-            width = int(lengths[idx].max())
+            width = min(batch["input_ids"].shape[1], _round_up(int(lengths[idx].max()), self.pad_multiple))
             cols = slice(batch["input_ids"].shape[1] - width, None) if left else slice(0, width)
             reps.append(self._encode_one({k: v[idx][:, cols] for k, v in batch.items()}, is_query))
         return torch.cat(reps)[order.argsort()]
@@ -449,6 +468,14 @@ class SparseModel(nn.Module):
 
     def forward(self, q_batch: dict, d_batch: dict):
         return self.encode_batch(q_batch, True), self.encode_batch(d_batch, False)
+
+    @torch.no_grad()
+    def pooled_doc_logits(self, batch: dict) -> torch.Tensor:
+        """A tokenized document batch -> max-pooled vocabulary logits [B, V] before ReLU and log1p (bias and
+        logit_shift included): term v is active in document b exactly when the value is > 0."""
+        if self.spec.doc_head != "mlm":
+            raise ValueError("pooled logits need an MLM document head")
+        return sparse_forward(self.doc_backbone, self.spec, "mlm", None, batch, raw=True)
 
     def encode(self, texts: list[str], is_query: bool) -> torch.Tensor:
         """texts -> reps [B, V] on the model's device."""
@@ -480,7 +507,7 @@ class SparseModel(nn.Module):
                 ids = ids + body
             rows.append(ids)
             pools.append(pool)
-        length = max(len(r) for r in rows)
+        length = _round_up(max(len(r) for r in rows), self.pad_multiple)
         # decoders may pad on either side (positions are explicit); shift-right decoding needs right padding
         left = tok.padding_side == "left" and spec.kind == "decoder"
         input_ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
@@ -520,6 +547,37 @@ class SparseModel(nn.Module):
         if heads:
             save_file(heads, str(folder / MLP_HEAD))
         (folder / LSR_CONFIG).write_text(json.dumps(asdict(self.spec), indent=2) + "\n")
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple if multiple > 1 else n
+
+
+def calibrate_logit_shift(model: SparseModel, doc_batch: dict, target_nnz: int) -> float:
+    """The `logit_shift` at which the documents of `doc_batch` keep `target_nnz` terms on average (the current
+    shift included). A decoder's LM logits can be positive for the whole vocabulary (SmolLM2: every one of 49,152
+    terms in every document), which no FLOPs weight undoes in a few hundred steps; starting from a calibrated
+    shift, the student begins as sparse as a trained SPLADE model."""
+    raw = model.pooled_doc_logits(doc_batch).float().flatten()
+    k = min(raw.numel(), target_nnz * doc_batch["input_ids"].shape[0])
+    return model.spec.logit_shift - float(raw.topk(k).values[-1])
+
+
+def compile_blocks(backbone: nn.Module, mode: str) -> None:
+    """torch.compile, in place, each module that runs a stack of transformer blocks (BertEncoder, LlamaModel,
+    T5Stack, ...): the vocabulary projection, whose forward sparse_forward swaps, stays eager. Shapes are dynamic
+    after the first change (one recompile); mode="reduce-overhead" replays each shape as a CUDA graph. Parameter
+    names are unchanged, so checkpoints and saved folders are the same as without compiling."""
+    stacks = []
+    for name, module in backbone.named_modules():  # parents come before children
+        parent, _, leaf = name.rpartition(".")
+        inside = any(parent == s or parent.startswith(s + ".") or s == "" for s in stacks)
+        if isinstance(module, nn.ModuleList) and leaf in ("layer", "layers", "block", "h") and not inside:
+            stacks.append(parent)  # T5Block's own `layer` list lies inside the T5Stack already chosen
+    if not stacks:
+        raise ModelLoadError(f"model.compile: no stack of transformer blocks found in {type(backbone).__name__}")
+    for name in stacks:
+        backbone.get_submodule(name).compile(mode=mode)
 
 
 def _merged(backbone: nn.Module) -> nn.Module:
@@ -570,8 +628,12 @@ def build_model(mcfg, training: bool = False) -> SparseModel:
     if training:
         q_backbone, d_backbone = _prepare_for_training(mcfg, q_backbone, d_backbone)
     mlps = _load_mlp_heads(Path(name)) if saved.is_file() else {}
+    if mcfg.compile != "none":
+        for backbone in dict.fromkeys([q_backbone, d_backbone]):
+            compile_blocks(backbone, mcfg.compile)
     model = SparseModel(spec, tokenizer, d_backbone, q_backbone, mlps)
     model.length_buckets = mcfg.length_buckets
+    model.pad_multiple = mcfg.pad_to_multiple or (16 if mcfg.compile != "none" else 0)
     return model
 
 

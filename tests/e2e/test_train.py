@@ -156,7 +156,9 @@ def test_margin_mse_without_teacher_scores_is_an_error(tiny, tmp_path):
     # killed two steps after the last checkpoint, with accumulation, a decaying lr and a warming-up regularizer
     (10, ["--train.grad_accum=2", "--train.scheduler=linear", "--train.warmup_steps=2",
           "--train.q_reg_weight=0.01", "--train.d_reg_weight=0.01", "--train.reg_warmup_steps=10"]),
-], ids=["at_checkpoint", "after_checkpoint"])
+    # the logit shift calibrated when the run began is restored from the checkpoint, not recalibrated
+    (10, ["--train.calibrate_nnz=20"]),
+], ids=["at_checkpoint", "after_checkpoint", "calibrated"])
 def test_resume_reaches_the_uninterrupted_result(tiny, tmp_path, stop_after, extra):
     # batch 8 of 48 examples: 6 batches per epoch, so the run crosses epochs and resumes mid-epoch
     common = ["--train.max_steps=12", "--train.save_every=4", "--train.batch_size=8", *extra]
@@ -172,12 +174,72 @@ def test_resume_reaches_the_uninterrupted_result(tiny, tmp_path, stop_after, ext
     assert logged(out_b, "step") == list(range(1, 13))  # steps redone after the checkpoint are logged once
     assert logged(out_b) == logged(tmp_path / "a")
     assert logged(out_b, "reg") == logged(tmp_path / "a", "reg")
+    shift = json.loads((final_a / "lsr_config.json").read_text())["logit_shift"]
+    assert json.loads((final_b / "lsr_config.json").read_text())["logit_shift"] == shift
+    assert (shift != 0) == ("--train.calibrate_nnz=20" in extra)
 
 
 def test_resume_from_an_incomplete_checkpoint_is_an_error(tiny, tmp_path):
     (tmp_path / "half").mkdir()
     with pytest.raises(InputError, match="is not a complete checkpoint"):
         train.main(argv(tiny, tmp_path / "run", "bert_mlm.yaml", "bert", f"--train.resume={tmp_path / 'half'}"))
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+
+def test_calibrate_nnz_starts_the_student_sparse(tiny, tmp_path):
+    """A random decoder activates most of the vocabulary; calibrated, it starts near the target and the shift
+    travels with the model (config.yaml, lsr_config.json, hence encode.py)."""
+    out = tmp_path / "run"
+    final = train.main(argv(tiny, out, "llama_multi.yaml", "llama", "--train.max_steps=2", "--train.log_every=1",
+                            "--train.calibrate_nnz=12"))
+    shift = json.loads((final / "lsr_config.json").read_text())["logit_shift"]
+    assert shift < 0 and load_config(["--cfg", str(out / "config.yaml")]).model.logit_shift == shift
+    assert logged(out, "d_nnz")[0] < 20  # step 1 (uncalibrated: nearly the whole ~150-term vocabulary)
+    assert (vectors(final) > 0).sum(1).float().mean() < 20
+    plain = tmp_path / "plain"
+    train.main(argv(tiny, plain, "llama_multi.yaml", "llama", "--train.max_steps=2", "--train.log_every=1"))
+    assert logged(plain, "d_nnz")[0] > 60
+
+
+def test_calibrate_nnz_needs_an_mlm_document_head(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="'train.calibrate_nnz' needs an MLM document head"):
+        train.main(argv(tiny, tmp_path / "run", "bert_mlp.yaml", "bert", "--train.calibrate_nnz=5"))
+
+
+# ------------------------------------------------------------------------------------------------ torch.compile
+
+@pytest.mark.slow
+@pytest.mark.parametrize("yaml,arch", [("bert_mlm.yaml", "bert"), ("llama_multi.yaml", "llama")])
+def test_compiled_training_matches_eager(tiny, tmp_path, yaml, arch):
+    """model.compile=default (inductor on the CPU here; on a GPU it is what bench/train.py measures): the same
+    losses as eager up to kernel rounding, with batches padded to a multiple of 16. Dropout is off:
+    compiled dropout draws its masks from another generator."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny[arch], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update({k: 0.0 for k in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout")
+                   if k in config})
+    (folder / "config.json").write_text(json.dumps(config))
+    common = ["--train.max_steps=4", "--train.log_every=1", "--model.length_buckets=2",
+              f"--model.name_or_path={folder}"]
+    eager = train.main(argv(tiny, tmp_path / "eager", yaml, arch, *common))
+    compiled = train.main(argv(tiny, tmp_path / "compiled", yaml, arch, *common, "--model.compile=default"))
+    torch.testing.assert_close(torch.tensor(logged(tmp_path / "compiled")), torch.tensor(logged(tmp_path / "eager")),
+                               rtol=1e-3, atol=1e-4)
+    # in-place compile keeps the parameter names (the weights themselves differ by Adam steps of rounding noise)
+    assert weights(eager).keys() == weights(compiled).keys()
+    model = build_model(ModelConfig(name_or_path=str(compiled), compile="default")).eval()
+    assert model.pad_multiple == 16
+    torch.testing.assert_close(vectors(model), vectors(compiled), rtol=1e-3, atol=1e-4)
+
+
+def test_compile_with_deepspeed_is_a_config_error(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="'model.compile' is not supported with DeepSpeed"):
+        train.main(argv(tiny, tmp_path / "run", "bert_mlm.yaml", "bert", "--model.compile=default",
+                        f"--train.deepspeed={ROOT / 'yamls' / 'ds' / 'zero2.json'}"))
 
 
 # ------------------------------------------------------------------------------------------------ bad input

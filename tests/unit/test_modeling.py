@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lsr_core.config import ModelConfig
-from lsr_core.modeling import ModelLoadError, build_model, naive_mlm_pool, sparse_mlm_pool
+from lsr_core.modeling import ModelLoadError, build_model, calibrate_logit_shift, naive_mlm_pool, sparse_mlm_pool
 from tests.tiny import make_collection, make_model
 
 TEXTS = ["star planet orbit", "the recipe of the bread with butter and sugar in the kitchen of a castle"]
@@ -31,7 +31,8 @@ def load(path, **overrides):
 
 @pytest.mark.parametrize("arch,options", [
     ("llama", {}), ("opt", {}), ("llama", {"bidirectional": True}), ("llama", {"echo": True}),
-    ("llama", {"drop_bos": True}), ("bert", {}), ("t5", {}), ("t5", {"decoding": "single_token"})])
+    ("llama", {"drop_bos": True}), ("bert", {}), ("t5", {}), ("t5", {"decoding": "single_token"}),
+    ("llama", {"pad_to_multiple": 16}), ("bert", {"pad_to_multiple": 16})])
 @torch.no_grad()
 def test_vectors_do_not_depend_on_padding(tiny, arch, options):
     model = load(tiny[arch], **options)
@@ -41,12 +42,50 @@ def test_vectors_do_not_depend_on_padding(tiny, arch, options):
         model.tokenizer.padding_side = side
         batch = model.tokenize(TEXTS, is_query=False)
         assert batch["attention_mask"][0].sum() < batch["attention_mask"][1].sum()  # the short text is padded
+        assert batch["input_ids"].shape[1] % options.get("pad_to_multiple", 1) == 0
         results[side] = model.encode(TEXTS, is_query=False)
         torch.testing.assert_close(results[side][0], alone, atol=1e-5, rtol=1e-5)
     if "left" in results:
         assert model.tokenize(TEXTS, is_query=False)["attention_mask"][0, 0] == 0  # really left-padded
         torch.testing.assert_close(results["left"], results["right"], atol=1e-5, rtol=1e-5)
     assert (alone > 0).sum() > 0
+
+
+def test_length_buckets_round_widths_to_the_padding_multiple(tiny):
+    model = load(tiny["bert"], length_buckets=2, pad_to_multiple=16)
+    texts = ["star"] * 3 + [" ".join(["planet"] * 40)] * 3
+    widths = []
+    original = model._encode_one
+    model._encode_one = lambda batch, is_query: widths.append(batch["input_ids"].shape[1]) or original(batch, is_query)
+    with torch.no_grad():
+        bucketed = model.encode(texts, is_query=False)
+    assert widths == [16, 48]  # 3 tokens -> 16; 42 tokens -> 48 (the full width, itself a multiple)
+    model.length_buckets = 1
+    with torch.no_grad():
+        torch.testing.assert_close(bucketed, model.encode(texts, is_query=False), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ logit shift
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+@torch.no_grad()
+def test_calibrated_logit_shift_keeps_the_target_number_of_terms(tiny, arch):
+    model = load(tiny[arch])
+    docs = [" ".join(TEXTS[i % 2].split()[: 3 + i]) for i in range(8)]
+    batch = model.tokenize(docs, is_query=False)
+    assert (model.encode_batch(batch, is_query=False) > 0).sum(1).float().mean() > 30  # random: most terms on
+    shift = calibrate_logit_shift(model, batch, target_nnz=7)
+    model.spec.logit_shift = shift
+    nnz = (model.encode_batch(batch, is_query=False) > 0).sum(1).float().mean()
+    assert 6.5 <= nnz <= 7  # the k-th largest logit itself lands on 0
+    # the current shift is part of the logits, so calibrating again returns the same shift
+    assert abs(calibrate_logit_shift(model, batch, target_nnz=7) - shift) < 1e-4
+    reference = load(tiny[arch]).encode_batch(batch, is_query=False)  # unshifted: log1p(relu(z))
+    # shifted = log1p(relu(z + shift)) for every term active in both
+    raw = torch.expm1(reference)
+    active = raw + shift > 0
+    torch.testing.assert_close(model.encode_batch(batch, is_query=False)[active], torch.log1p(raw[active] + shift),
+                               atol=1e-4, rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------ MLM head
