@@ -9,15 +9,17 @@ tokenizer over as many words as the model's vocabulary, so one word = one token.
 the real shape and saved once (bf16): bert-base (BertForMaskedLM, 12 x 768, vocab 30522) and llama1b (Llama-3.2-1B
 shape: hidden 2048, 16 layers, 32 heads / 8 KV heads, intermediate 8192, vocab 128256, tied embeddings).
   ours: `build_model(..., dtype=bfloat16)` + `encode.encode_shard` (length-sorted batches, tokenise, forward with the
-        sparse MLM head), each batch's reps turned into a sparse COO tensor on the GPU; and the same batches
-        tokenised by DataLoader workers into pinned memory (a proposed change to encode.py)
+        sparse MLM head), each batch's reps turned into a sparse COO tensor on the GPU: first as encode.py runs by
+        default (tokenising in the main process, encode.num_workers 0), then with --workers tokenizer workers
+        (encode.num_workers), once per --compile mode (model.compile; batches padded to a multiple of 16)
   ST:   SparseEncoder([MLMTransformer(folder), SpladePooling("max")]) in bf16, `.encode(texts, batch_size)`
         (it also sorts by length; default output: sparse COO tensors)
 Both get the same texts, batch size and weights, after a warm-up on the first batches. A random model activates
 nearly every vocabulary term; the output bias is shifted (calibrated on the warm-up texts, same shift for both) so
 that documents keep ~--target-nnz terms, as trained SPLADE models do.
 MFU: sum over documents of (2 * N * L + 2 * H * V * L + 4 * layers * L^2 * d_model) over time and --peak-tflops
-(N: non-embedding, non-vocabulary parameters; L: the document's real tokens, padding not counted).
+(N: non-embedding, non-vocabulary parameters; L: the document's real tokens, padding not counted); by default the
+peak is the bf16 matmul rate measured at the start of the run (bench/peak.py).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from encode import encode_shard  # noqa: E402
+from bench.peak import peak_tflops  # noqa: E402
 from lsr_core.config import ModelConfig  # noqa: E402
 from lsr_core.modeling import build_model  # noqa: E402
 
@@ -119,17 +122,9 @@ def shift_bias(backbone, shift: float) -> None:
     projection.bias.data.sub_(shift)
 
 
-def loader_batches(model, texts, batch_size, workers):
-    """encode.py's length-sorted batches, tokenised in DataLoader workers into pinned memory (proposed for
-    encode.py): the GPU no longer waits for the tokenizer."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    groups = [[texts[i] for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
-    return torch.utils.data.DataLoader(groups, batch_size=None, num_workers=workers, pin_memory=True,
-                                       collate_fn=lambda group: model.tokenize(group, is_query=False))
-
-
-def bench_ours(folder, texts, warm, args, device, loader: bool):
-    model = build_model(ModelConfig(name_or_path=str(folder), dtype="bfloat16")).to(device).eval()
+def bench_ours(folder, texts, warm, args, device, workers: int, compile_mode: str):
+    model = build_model(ModelConfig(name_or_path=str(folder), dtype="bfloat16", compile=compile_mode)).to(device)
+    model.eval()
     if args.target_nnz and args.shift is None:
         args.shift = output_bias_shift(model, warm, args)
     if args.shift:
@@ -137,15 +132,22 @@ def bench_ours(folder, texts, warm, args, device, loader: bool):
 
     def run(part):
         nnz = 0
-        if not loader:
-            for _, reps in encode_shard(model, part, False, args.batch, _NoProgress()):
-                nnz += reps.to_sparse()._nnz()
+        if workers < 0:  # the model alone: batches tokenised and on the GPU before the clock starts
+            for batch in pretokenized[id(part)]:
+                with torch.inference_mode():
+                    nnz += model.encode_batch(batch, is_query=False).to_sparse()._nnz()
             return nnz
-        with torch.inference_mode():
-            for batch in loader_batches(model, part, args.batch, args.workers):
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                nnz += model.encode_batch(batch, is_query=False).to_sparse()._nnz()
+        for _, reps in encode_shard(model, part, False, args.batch, _NoProgress(), workers):
+            nnz += reps.to_sparse()._nnz()
         return nnz
+
+    pretokenized = {}
+    if workers < 0:
+        for part in (warm, texts):
+            ordered = sorted(part, key=len)
+            pretokenized[id(part)] = [
+                {k: v.to(device) for k, v in model.tokenize(ordered[s:s + args.batch], is_query=False).items()}
+                for s in range(0, len(ordered), args.batch)]
 
     run(warm)
     sync(device)
@@ -188,29 +190,40 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--min-words", type=int, default=60)
     parser.add_argument("--max-words", type=int, default=250)
     parser.add_argument("--skip-st", action="store_true")
-    parser.add_argument("--workers", type=int, default=8, help="tokenizer workers of the DataLoader variant")
+    parser.add_argument("--workers", type=int, default=8, help="tokenizer workers (encode.num_workers)")
+    parser.add_argument("--compile", default="none", help="comma list of model.compile modes to time with workers: "
+                        "none, default, reduce-overhead")
+    parser.add_argument("--model-only", action="store_true", help="also time the model alone on batches tokenised "
+                        "before the clock starts (the host pipeline's ceiling)")
     parser.add_argument("--target-nnz", type=int, default=150, help="shift the output bias to ~this many terms per "
                         "document (0 = leave the random model's near-dense output)")
-    parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--peak-tflops", default="measure", help="MFU denominator: 'measure' or TFLOP/s")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
     if args.tiny:
         args.docs, args.batch, args.min_words, args.max_words = 40, 8, 5, 30
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    args.peak_tflops, how = peak_tflops(args.peak_tflops)
+    print(f"MFU denominator: {args.peak_tflops:.0f} TFLOP/s ({how})")
     folder, cfg = make_model_folder(args.model, args.tiny)
     words = cfg.vocab_size - (5 if args.model == "bert-base" else 4)
     texts = make_texts(args.docs, words, args.min_words, args.max_words)
-    warm = make_texts(4 * args.batch, words, args.min_words, args.max_words, seed=1)
+    # the warm-up covers the range of lengths: under compile every padded width is seen (and recorded) once
+    warm = make_texts(8 * args.batch, words, args.min_words, args.max_words, seed=1)
     args.shift = None
     rows = []
-    for loader in (False, True):
-        seconds, lengths, n_params, nnz = bench_ours(folder, texts, warm, args, device, loader)
+    variants = [(0, "none")] + [(args.workers, mode) for mode in args.compile.split(",")]
+    variants += [(-1, mode) for mode in args.compile.split(",")] if args.model_only else []
+    for workers, compile_mode in variants:
+        seconds, lengths, n_params, nnz = bench_ours(folder, texts, warm, args, device, workers, compile_mode)
         flop = encode_flops(cfg, n_params, lengths)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
         base = {"model": args.model, "docs": args.docs, "batch": args.batch, "mean_tokens": sum(lengths) / len(lengths),
-                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "bias_shift": args.shift}
-        name = f"ours ({args.workers} tokenizer workers + pinned memory)" if loader else "ours (encode.py's encode_shard)"
+                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "bias_shift": args.shift,
+                "peak_tflops": args.peak_tflops}
+        name = f"ours ({workers} tokenizer workers" if workers >= 0 else "ours (model only: pre-tokenised batches"
+        name += f", torch.compile {compile_mode})" if compile_mode != "none" else ")"
         rows.append(dict(base, system=name, seconds=seconds, docs_per_s=args.docs / seconds,
                          tokens_per_s=sum(lengths) / seconds, mfu=flop / seconds / (args.peak_tflops * 1e12),
                          peak_mem_gib=peak, nnz_mean=nnz))

@@ -14,7 +14,8 @@ vocab 30522) and llama7b (hidden 4096, 32 layers, 32 heads, intermediate 11008, 
 Both systems get the same weights, bf16 autocast over float32 weights (bert-base) and fused torch AdamW; the
 7B runs keep bf16 weights (DeepSpeed bf16 for full fine-tuning).
 
-FLOPs per step (for MFU, against --peak-tflops, the H200's dense bf16 datasheet rate 989):
+FLOPs per step (for MFU, against --peak-tflops: by default the bf16 matmul rate measured at the start of the run,
+bench/peak.py; ~790 TFLOP/s on an H200, whose datasheet says 989):
   forward = 2 * N * T + 2 * H * V * T + sum over sequences of 4 * layers * L^2 * d_model
   (N: non-embedding, non-vocabulary parameters; T: tokens; the second term is the vocabulary projection; the third
   QK^T and AV over full L x L scores). Training = 3 x forward when weights get gradients (full fine-tuning, BERT),
@@ -38,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lsr_core.config import ModelConfig  # noqa: E402
 from lsr_core.losses import flops, margin_mse_loss  # noqa: E402
-from lsr_core.modeling import LSRSpec, SparseModel, _prepare_for_training, build_model  # noqa: E402
+from bench.peak import peak_tflops  # noqa: E402
+from lsr_core.modeling import LSRSpec, SparseModel, _prepare_for_training, build_model, compile_blocks  # noqa: E402
 
 REG_WEIGHT = 1e-3
 
@@ -117,23 +119,13 @@ def report(args, system: str, seconds: float, peak: float, step_flop: float, wor
     row = {"system": system, "model": args.model, "mode": args.mode, "gpus": world, "batch_per_gpu": args.batch,
            "q_len": args.q_len, "d_len": args.d_len, "step_ms": seconds * 1e3,
            "samples_per_s": world * args.batch / seconds, "tokens_per_s": world * tokens / seconds,
-           "mfu": step_flop / seconds / (args.peak_tflops * 1e12), "peak_mem_gib": peak,
+           "mfu": step_flop / seconds / (args.peak_tflops * 1e12), "peak_tflops": args.peak_tflops,
+           "peak_mem_gib": peak,
            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", **(extra or {})}
     if args.out and int(os.environ.get("RANK", "0")) == 0:
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")
     return row
-
-
-def compile_layers(backbone, mode: str = "default") -> None:
-    """torch.compile the module that runs the transformer blocks (BertEncoder, LlamaModel) in place: one graph
-    per input shape; the vocabulary projection, whose forward sparse_forward swaps, stays eager.
-    mode="reduce-overhead" also replays the graph as a CUDA graph (no per-kernel launch cost)."""
-    for name, module in backbone.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and name.split(".")[-1] in ("layer", "layers"):
-            backbone.get_submodule(name.rsplit(".", 1)[0]).compile(mode=mode, dynamic=False)
-            return
-    raise ValueError("no transformer block list found to compile")
 
 
 def profile_step(step, label: str) -> None:
@@ -150,10 +142,9 @@ def profile_step(step, label: str) -> None:
 # ------------------------------------------------------------------------------------------------ BERT-base vs ST
 
 def bench_ours(args, folder: Path, device, compiled: str) -> dict:
-    mcfg = ModelConfig(name_or_path=str(folder), kind="encoder")
+    # model.compile: what train.py does with --model.compile=<mode>
+    mcfg = ModelConfig(name_or_path=str(folder), kind="encoder", compile=compiled or "none")
     model = build_model(mcfg, training=True).to(device).train()
-    if compiled:
-        compile_layers(model.doc_backbone, compiled)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     q, d, teacher = make_batch(args, model.vocab_size, device, seed=0)
 
@@ -185,8 +176,8 @@ def bench_st(args, folder: Path, device, compiled: str) -> dict:
 
     encoder = SparseEncoder(modules=[MLMTransformer(str(folder)), SpladePooling(pooling_strategy="max")],
                             device=str(device)).train()
-    if compiled:
-        compile_layers(encoder[0].auto_model, compiled)
+    if compiled:  # the same blocks as ours
+        compile_blocks(encoder[0].auto_model, compiled)
     loss_fn = SpladeLoss(encoder, SparseMarginMSELoss(encoder), document_regularizer_weight=REG_WEIGHT,
                          query_regularizer_weight=REG_WEIGHT)
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-5, fused=device.type == "cuda")
@@ -252,7 +243,7 @@ def build_decoder(args, device):
 def bench_decoder(args, device) -> dict:
     spec = LSRSpec(kind="decoder")
     mcfg = ModelConfig(kind="decoder", lora=args.mode in ("lora", "qlora"), gradient_checkpointing=args.grad_ckpt,
-                       quantization="4bit" if args.mode == "qlora" else "none")
+                       quantization="4bit" if args.mode == "qlora" else "none", lora_dropout=args.lora_dropout)
     if args.mode == "qlora":
         # bitsandbytes quantises while loading: write the random model once, then load it as the toolkit does
         from tests.tiny import make_tokenizer
@@ -272,6 +263,8 @@ def bench_decoder(args, device) -> dict:
         elif args.grad_ckpt:
             backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = SparseModel(spec, None, backbone)
+    if args.compile != "none":  # what model.compile does in build_model
+        compile_blocks(model.doc_backbone, args.compile)
     model.train()
     world = 1
     params = [p for p in model.parameters() if p.requires_grad]
@@ -309,8 +302,10 @@ def bench_decoder(args, device) -> dict:
         seconds, peak = stats.tolist()
     trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in unwrapped.parameters()
                     if p.requires_grad)
-    return report(args, f"ours llama7b {args.mode}" + (" + grad ckpt" if args.grad_ckpt else ""), seconds, peak,
-                  step_flop, world, {"trainable_params": trainable})
+    label = f"ours llama7b {args.mode}" + (" + grad ckpt" if args.grad_ckpt else "") + \
+        (f", LoRA dropout {args.lora_dropout:g}" if args.mode != "full" else "") + \
+        (f" + torch.compile {args.compile}" if args.compile != "none" else "")
+    return report(args, label, seconds, peak, step_flop, world, {"trainable_params": trainable})
 
 
 def make_zero3_accelerator(args):
@@ -346,7 +341,11 @@ def main(argv=None) -> list[dict]:
                         "(torch.compile of the transformer blocks) or -compile-cg (+ CUDA graphs)")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step per system "
                         "(bert-base; llama7b without DeepSpeed)")
-    parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--lora-dropout", type=float, default=0.05, help="llama7b LoRA/QLoRA: dropout on the "
+                        "adapters' inputs (0 removes one elementwise pass per adapted layer)")
+    parser.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead"],
+                        help="llama7b: torch.compile the transformer blocks (as model.compile)")
+    parser.add_argument("--peak-tflops", default="measure", help="MFU denominator: 'measure' or TFLOP/s")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny models, 2 steps")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
@@ -358,6 +357,8 @@ def main(argv=None) -> list[dict]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
+    args.peak_tflops, how = peak_tflops(args.peak_tflops)
+    print(f"MFU denominator: {args.peak_tflops:.0f} TFLOP/s ({how})")
     rows = bert_vs_st(args, device) if args.model == "bert-base" else [bench_decoder(args, device)]
     if int(os.environ.get("RANK", "0")) == 0:
         print("| system | GPUs | samples/s | tokens/s | step ms | MFU | peak GiB |")
