@@ -8,8 +8,10 @@
 #   device call 1:   carry .gpu/a, command `bash scripts/wiki_gpu.sh start`: unpack into $WG (/tmp/wg), start the
 #                    MiniLM student in the background (setsid: it outlives the call while the machine stays warm)
 #   device call 2:   carry .gpu/b, at once (the machine stays warm 30 s), command `bash scripts/wiki_gpu.sh finish`:
-#                    join the GGUF, run the SmolLM2 student, wait for MiniLM, pack the results into $OUT
-#   here:            scripts/wiki_gpu.sh eval <folder the results came back to>
+#                    join the GGUF, start the SmolLM2 students (causal and echo) in the background, wait for all
+#                    three (WAIT_S seconds at most), pack each one's results into $OUT as it ends
+#   device call 3:   only if some student was still running: `bash scripts/wiki_gpu.sh collect` waits and packs
+#   here:            evaluate.py on the runs that came back (bench/RESULTS.md has the command)
 # A student = train.py, encode.py (corpus, test queries; FLOPs from the queries' meta.json), index.py + search.py
 # (exact engine) on the device machine; only the small outputs (runs, meta, logs, query vectors) come back.
 set -uo pipefail  # no -e: each step checks its own status (student returns 1 at the first failing step)
@@ -105,8 +107,10 @@ print("smollm2:", dst, sum(p.numel() for p in plain.parameters()), "parameters, 
 EOF
 }
 
-student() {  # $1 = minilm | smollm2; trains, encodes, indexes, searches under $WG/$1
-  local name=$1 model=$WG/$1.model D=$WG/data
+STUDENTS="minilm smollm2 smollm2_echo"
+
+student() {  # $1 = minilm | smollm2 | smollm2_echo; trains, encodes, indexes, searches under $WG/$1
+  local name=$1 model=$WG/${1%%_*}.model D=$WG/data  # smollm2_echo starts from smollm2.model
   local common=(--cfg yamls/wiki_gpu/${name}_student.yaml --exp.output_dir=$WG/$name --model.gguf_file=
                 --data.train_file=$D/train.bm25.jsonl --data.corpus=$D/corpus.jsonl --data.queries=$D/queries.train.jsonl
                 ${EXTRA:-})  # EXTRA: more overrides (the CPU smoke test: --train.max_steps=2 --train.batch_size=4)
@@ -140,6 +144,17 @@ collect() {  # $1 = student; small outputs -> $OUT/<student>.tgz (+ corpus vecto
   ls -la $OUT
 }
 
+collect_all() {  # wait for every student (WAIT_S seconds at most); each one's results go to $OUT as soon as it ends
+  # (what is under $OUT comes back even if the call is cut off)
+  for n in $STUDENTS; do
+    (for i in $(seq 1 ${WAIT_S:-500}); do [ -e $WG/$n.done ] || [ -e $WG/$n.failed ] && break; sleep 1; done
+     state=running; [ -e $WG/$n.done ] && state=done; [ -e $WG/$n.failed ] && state=FAILED
+     echo "== $n: $state"; tail -3 $WG/$n.log
+     [ -e $WG/$n.done ] && collect $n) &
+  done
+  wait; nvidia-smi --query-gpu=memory.used --format=csv || true
+}
+
 case "${1:-}" in
   pack) pack ;;
   start)  # device call 1
@@ -158,11 +173,10 @@ case "${1:-}" in
     mkdir -p $WG/smollm2.gguf
     set -e; cat $WG/gguf.gz.p1 .gpu/b/gguf.gz.p2 | gunzip > $WG/smollm2.gguf/$GGUF
     gguf_to_hf $WG/smollm2.gguf $WG/smollm2.model; ls -la $WG/smollm2.model; set +e
-    tail -3 $WG/minilm.log || true
-    # MiniLM's results go to $OUT as soon as it ends (what is under $OUT comes back even if the call is cut off)
-    (for i in $(seq 1 ${WAIT_S:-400}); do [ -e $WG/minilm.done ] || [ -e $WG/minilm.failed ] && break; sleep 1; done
-     echo "== minilm: $(ls $WG/minilm.done $WG/minilm.failed 2>/dev/null)"; tail -4 $WG/minilm.log; collect minilm) &
-    (student smollm2 2>&1 | tee $WG/smollm2.log) || echo "smollm2 student FAILED"
-    collect smollm2; wait ;;
-  *) echo "usage: $0 pack | start | finish   (see the header)"; exit 2 ;;
+    for n in smollm2 smollm2_echo; do
+      setsid nohup bash scripts/wiki_gpu.sh bg $n > $WG/$n.log 2>&1 < /dev/null &
+    done
+    collect_all ;;
+  collect) collect_all ;;  # device call 3, if needed
+  *) echo "usage: $0 pack | start | finish | collect   (see the header)"; exit 2 ;;
 esac
