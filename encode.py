@@ -137,15 +137,24 @@ def main(argv=None) -> Path:
     elapsed = time.time() - started
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        meta = summarize(cfg, out, ids, n_shards, is_query, len(vocab))
-        meta["seconds_last_run"] = round(elapsed, 2)
-        write_meta(out, meta)
-        save_config(cfg, out)
-        rate = todo / elapsed if elapsed > 0 else 0.0
-        print(f"encoded {meta['count']} {'queries' if is_query else 'docs'} ({todo} this run, {rate:.1f}/s) into "
-              f"{out}: nnz mean {meta['nnz_mean']:.1f}, p99 {meta['nnz_p99']:.0f}, empty {meta['empty']}"
-              + (f", FLOPs {meta['flops']:.2f}" if meta.get("flops") is not None else ""))
+        finish(cfg, out, ids, n_shards, is_query, len(vocab), todo, elapsed)
     return out
+
+
+def finish(cfg, out: Path, ids: list[str], n_shards: int, is_query: bool, vocab_size: int, todo: int,
+           elapsed: float, hash_sections=("model",), label: str = "encoded", note: str = "") -> dict:
+    """Main process, once every shard exists (encode.py, zeroshot_prompt.py): check the shards, write meta.json and
+    config.yaml next to them, print one summary line."""
+    meta = summarize(cfg, out, ids, n_shards, is_query, vocab_size)
+    meta["config_hash"] = config_hash(cfg, hash_sections)
+    meta["seconds_last_run"] = round(elapsed, 2)
+    write_meta(out, meta)
+    save_config(cfg, out)
+    rate = todo / elapsed if elapsed > 0 else 0.0
+    print(f"{label} {meta['count']} {'queries' if is_query else 'docs'} ({todo} this run, {rate:.2f}/s{note}) into "
+          f"{out}: nnz mean {meta['nnz_mean']:.1f}, p99 {meta['nnz_p99']:.0f}, empty {meta['empty']}"
+          + (f", FLOPs {meta['flops']:.2f}" if meta.get("flops") is not None else ""))
+    return meta
 
 
 def summarize(cfg, out: Path, ids: list[str], n_shards: int, is_query: bool, vocab_size: int) -> dict:
@@ -157,7 +166,7 @@ def summarize(cfg, out: Path, ids: list[str], n_shards: int, is_query: bool, voc
         raise InputError(f"{out}: shards do not match the input ({missing} ids missing, {len(shard_ids)} written); "
                          f"the folder holds output of another input or shard size: remove it and re-run")
     stats = nnz_stats([len(v) for v in vectors])
-    meta = {"model": cfg.model.name_or_path, "config_hash": config_hash(cfg), "kind": cfg.encode.kind,
+    meta = {"model": cfg.model.name_or_path, "kind": cfg.encode.kind,
             "input": cfg.encode.input, "vocab_size": vocab_size, "shards": n_shards, **stats,
             "topk": cfg.encode.topk, "threshold": cfg.encode.threshold, "scale": cfg.encode.quant_scale}
     if is_query:

@@ -39,10 +39,10 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
-from encode import read_input, summarize
-from lsr_core.config import ConfigError, config_hash, load_config, save_config
+from encode import finish, read_input
+from lsr_core.config import ConfigError, load_config
 from lsr_core.modeling import ModelLoadError, load_backbone, load_tokenizer
-from lsr_core.sparse import ShardWriter, id_to_token_list, prune, shard_name, to_vector, write_meta
+from lsr_core.sparse import ShardWriter, id_to_token_list, prune, shard_name, to_vector
 from lsr_core.stopwords import ENGLISH_STOPWORDS
 from lsr_core.utils import InputError, atomic_open, atomic_write_json, accelerator_kwargs
 
@@ -306,16 +306,8 @@ def main(argv=None) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         cfg.encode.topk = topk  # meta.json records the top-k actually applied
-        meta = summarize(cfg, out, ids, n_shards, is_query, len(vocab))
-        meta["config_hash"] = config_hash(cfg, ("model", "zeroshot"))
-        meta["seconds_last_run"] = round(elapsed, 2)
-        write_meta(out, meta)
-        save_config(cfg, out)
-        rate = todo / elapsed if elapsed > 0 else 0.0
-        print(f"zero-shot encoded {meta['count']} {'queries' if is_query else 'docs'} ({todo} this run, {rate:.2f}/s, "
-              f"in_text_only fallbacks {fallbacks if text_vocab else 'n/a'}) into {out}: nnz mean "
-              f"{meta['nnz_mean']:.1f}, p99 {meta['nnz_p99']:.0f}, empty {meta['empty']}"
-              + (f", FLOPs {meta['flops']:.2f}" if meta.get("flops") is not None else ""))
+        finish(cfg, out, ids, n_shards, is_query, len(vocab), todo, elapsed, hash_sections=("model", "zeroshot"),
+               label="zero-shot encoded", note=f", in_text_only fallbacks {fallbacks if text_vocab else 'n/a'}")
     return out
 
 
