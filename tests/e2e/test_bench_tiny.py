@@ -1,0 +1,27 @@
+"""The GPU benchmarks' CPU smoke runs (`--tiny`): every system of bench/train.py and bench/encode_gpu.py runs on tiny
+models and reports its row, so a change in lsr_core that breaks a benchmark is caught here, not on a lent GPU."""
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_train_bench_tiny():
+    from bench import train as bench_train
+
+    rows = bench_train.main(["--tiny", "--systems", "ours,st"])
+    assert [r["key"] for r in rows] == ["ours", "st"]
+    assert all(r["step_ms"] > 0 and r["samples_per_s"] > 0 for r in rows) and rows[0]["speedup_vs_st"] > 0
+    (lora,) = bench_train.main(["--tiny", "--model", "llama7b", "--mode", "lora", "--lora-dropout", "0"])
+    assert "LoRA dropout 0" in lora["system"] and 0 < lora["trainable_params"]
+
+
+def test_encode_bench_tiny():
+    from bench import encode_gpu
+
+    rows = encode_gpu.main(["--tiny", "--workers", "0", "--model-only"])
+    systems = [r["system"] for r in rows]
+    assert systems[-1] == "sentence-transformers SparseEncoder.encode" and "error" not in rows[-1]
+    assert any("model only" in s for s in systems)
+    # the same bias shift for every system: the term counts agree
+    nnz = [r["nnz_mean"] for r in rows]
+    assert max(nnz) - min(nnz) < 0.1 * max(nnz), nnz
