@@ -123,7 +123,9 @@ def shift_bias(backbone, shift: float) -> None:
 
 
 def bench_ours(folder, texts, warm, args, device, workers: int, compile_mode: str):
-    model = build_model(ModelConfig(name_or_path=str(folder), dtype="bfloat16", compile=compile_mode)).to(device)
+    mode, _, scope = compile_mode.partition(":")  # e.g. default:layer
+    model = build_model(ModelConfig(name_or_path=str(folder), dtype="bfloat16", compile=mode,
+                                    compile_scope=scope or "stack")).to(device)
     model.eval()
     if args.target_nnz and args.shift is None:
         args.shift = output_bias_shift(model, warm, args)
@@ -192,7 +194,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--skip-st", action="store_true")
     parser.add_argument("--workers", type=int, default=8, help="tokenizer workers (encode.num_workers)")
     parser.add_argument("--compile", default="none", help="comma list of model.compile modes to time with workers: "
-                        "none, default, reduce-overhead")
+                        "none, default, reduce-overhead, each optionally :layer (model.compile_scope)")
     parser.add_argument("--model-only", action="store_true", help="also time the model alone on batches tokenised "
                         "before the clock starts (the host pipeline's ceiling)")
     parser.add_argument("--target-nnz", type=int, default=150, help="shift the output bias to ~this many terms per "

@@ -263,8 +263,8 @@ def bench_decoder(args, device) -> dict:
         elif args.grad_ckpt:
             backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = SparseModel(spec, None, backbone)
-    if args.compile != "none":  # what model.compile does in build_model
-        compile_blocks(model.doc_backbone, args.compile)
+    if args.compile != "none":  # what model.compile / model.compile_scope do in build_model
+        compile_blocks(model.doc_backbone, args.compile, args.compile_scope)
     model.train()
     world = 1
     params = [p for p in model.parameters() if p.requires_grad]
@@ -304,7 +304,7 @@ def bench_decoder(args, device) -> dict:
                     if p.requires_grad)
     label = f"ours llama7b {args.mode}" + (" + grad ckpt" if args.grad_ckpt else "") + \
         (f", LoRA dropout {args.lora_dropout:g}" if args.mode != "full" else "") + \
-        (f" + torch.compile {args.compile}" if args.compile != "none" else "")
+        (f" + torch.compile {args.compile} ({args.compile_scope})" if args.compile != "none" else "")
     return report(args, label, seconds, peak, step_flop, world, {"trainable_params": trainable})
 
 
@@ -345,6 +345,8 @@ def main(argv=None) -> list[dict]:
                         "adapters' inputs (0 removes one elementwise pass per adapted layer)")
     parser.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead"],
                         help="llama7b: torch.compile the transformer blocks (as model.compile)")
+    parser.add_argument("--compile-scope", default="stack", choices=["stack", "layer"],
+                        help="llama7b: model.compile_scope, the whole stack as one graph or each block on its own")
     parser.add_argument("--peak-tflops", default="measure", help="MFU denominator: 'measure' or TFLOP/s")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny models, 2 steps")
     parser.add_argument("--out", default="")

@@ -54,6 +54,7 @@ class ModelConfig:
     logit_shift: float = 0.0  # added to every vocabulary logit of the MLM head before ReLU (train.calibrate_nnz)
     length_buckets: int = 1  # training: split each batch into this many length-sorted sub-batches (less padding)
     compile: str = "none"  # none | default | reduce-overhead: torch.compile the transformer blocks (train and encode)
+    compile_scope: str = "stack"  # stack: the block stack as one graph (small models) | layer: each block (7B)
     pad_to_multiple: int = 0  # pad batches to a multiple of this many tokens; 0 = 16 when compiling, else none
     lora: bool = False
     lora_r: int = 16
@@ -204,6 +205,7 @@ CHOICES = {
     "model.dtype": ["float32", "bfloat16", "float16"],
     "model.quantization": ["none", "4bit", "8bit"],
     "model.compile": ["none", "default", "reduce-overhead", "max-autotune"],
+    "model.compile_scope": ["stack", "layer"],
     "data.format": ["jsonl", "msmarco"],
     "train.loss": ["margin_mse", "kl", "infonce"],
     "train.q_reg": ["flops", "l1", "none"],

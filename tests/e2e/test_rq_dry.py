@@ -1,7 +1,8 @@
-"""Dry run of every paper configuration (yamls/rq1..rq4): each yaml loads, is listed in its scripts/rqN.sh with the
-tiny architecture of its backbone family, and — with its backbone swapped for a tiny random model of that family
-(tests/tiny.py) and everything else kept (heads, decoding, sharing, LoRA, loss, regularizers, gradient
-checkpointing) — takes one training step on CPU (RQ1: prompts one batch zero-shot)."""
+"""Dry run of every paper configuration (yamls/rq1..rq4) and 7B student (yamls/7b): each yaml loads, an RQ yaml is
+listed in its scripts/rqN.sh with the tiny architecture of its backbone family, and — with its backbone swapped for a
+tiny random model of that family (tests/tiny.py) and everything else kept (heads, decoding, sharing, LoRA, loss,
+regularizers, gradient checkpointing; not 4-bit quantisation, which needs CUDA, nor torch.compile, tested elsewhere)
+— takes one training step on CPU (RQ1: prompts one batch zero-shot)."""
 import json
 import re
 import shutil
@@ -20,13 +21,15 @@ sys.path.insert(0, str(REPO / "scripts"))
 import prepare_msmarco  # noqa: E402
 
 RQ_YAMLS = sorted(p for p in (REPO / "yamls").glob("rq[1-4]/*.yaml") if p.name != "base.yaml")
+B7_YAMLS = sorted((REPO / "yamls" / "7b").glob("*.yaml"))
 ROW = re.compile(r'"(\S+)\s+(yamls/rq\d/\S+\.yaml)\s+(\w+)\s+(\S+)"')
 
 
 def tiny_arch(name_or_path: str) -> str:
     """The tests/tiny.py architecture of a hub backbone's family."""
     name = name_or_path.lower()
-    for key, arch in (("t5", "t5"), ("opt", "opt"), ("llama", "llama"), ("smollm", "llama")):
+    for key, arch in (("t5", "t5"), ("opt", "opt"), ("llama", "llama"), ("smollm", "llama"), ("mistral", "llama"),
+                      ("qwen", "llama")):
         if key in name:
             return arch
     return "bert"  # bert, distilbert, MiniLM
@@ -63,13 +66,23 @@ def test_paper_values_where_known():
             assert cfg.train.mixed_precision == "bf16"  # T5 overflows in fp16
 
 
-@pytest.mark.parametrize("path", RQ_YAMLS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_7b_students():
+    assert {p.stem for p in B7_YAMLS} == {"llama2_7b_zero3", "mistral_7b_zero3", "qwen2_5_7b_zero3", "llama2_7b_lora",
+                                          "mistral_7b_qlora"}
+    for path in B7_YAMLS:
+        cfg = load_config(["--cfg", str(path)])
+        assert tiny_arch(cfg.model.name_or_path) == "llama" and cfg.train.mixed_precision == "bf16"
+        assert cfg.model.lora == ("lora" in path.stem) and (cfg.model.quantization == "4bit") == ("qlora" in path.stem)
+
+
+@pytest.mark.parametrize("path", RQ_YAMLS + B7_YAMLS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_dry_run(fixture, tmp_path, path):
     cfg = load_config(["--cfg", str(path)])
     data = fixture / "data"
     argv = ["--cfg", str(path), f"--exp.output_dir={tmp_path / 'run'}",
             f"--model.name_or_path={fixture / 'models' / tiny_arch(cfg.model.name_or_path)}",
-            "--model.max_query_len=16", "--model.max_doc_len=48", "--model.dtype=float32"]
+            "--model.max_query_len=16", "--model.max_doc_len=48", "--model.dtype=float32",
+            "--model.quantization=none", "--model.compile=none"]
     if path.parent.name == "rq1":
         docs = tmp_path / "docs.tsv"
         docs.write_text("".join(line + "\n" for line in (data / "collection.tsv").read_text().splitlines()[:3]))

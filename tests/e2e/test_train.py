@@ -210,8 +210,9 @@ def test_calibrate_nnz_needs_an_mlm_document_head(tiny, tmp_path):
 # ------------------------------------------------------------------------------------------------ torch.compile
 
 @pytest.mark.slow
-@pytest.mark.parametrize("yaml,arch", [("bert_mlm.yaml", "bert"), ("llama_multi.yaml", "llama")])
-def test_compiled_training_matches_eager(tiny, tmp_path, yaml, arch):
+@pytest.mark.parametrize("yaml,arch,scope", [("bert_mlm.yaml", "bert", "stack"), ("llama_multi.yaml", "llama", "stack"),
+                                             ("llama_multi.yaml", "llama", "layer")])
+def test_compiled_training_matches_eager(tiny, tmp_path, yaml, arch, scope):
     """model.compile=default (inductor on the CPU here; on a GPU it is what bench/train.py measures): the same
     losses as eager up to kernel rounding, with batches padded to a multiple of 16. Dropout is off:
     compiled dropout draws its masks from another generator."""
@@ -226,7 +227,8 @@ def test_compiled_training_matches_eager(tiny, tmp_path, yaml, arch):
     common = ["--train.max_steps=4", "--train.log_every=1", "--model.length_buckets=2",
               f"--model.name_or_path={folder}"]
     eager = train.main(argv(tiny, tmp_path / "eager", yaml, arch, *common))
-    compiled = train.main(argv(tiny, tmp_path / "compiled", yaml, arch, *common, "--model.compile=default"))
+    compiled = train.main(argv(tiny, tmp_path / "compiled", yaml, arch, *common, "--model.compile=default",
+                               f"--model.compile_scope={scope}"))
     torch.testing.assert_close(torch.tensor(logged(tmp_path / "compiled")), torch.tensor(logged(tmp_path / "eager")),
                                rtol=1e-3, atol=1e-4)
     # in-place compile keeps the parameter names (the weights themselves differ by Adam steps of rounding noise)

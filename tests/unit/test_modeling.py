@@ -65,6 +65,20 @@ def test_length_buckets_round_widths_to_the_padding_multiple(tiny):
         torch.testing.assert_close(bucketed, model.encode(texts, is_query=False), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("scope", ["stack", "layer"])
+def test_compile_blocks_chooses_the_block_stacks(tiny, monkeypatch, scope):
+    """Which modules model.compile compiles, per backbone (torch.compile itself is exercised in test_train.py)."""
+    chosen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: chosen.append(type(self).__name__))
+    expected = {"bert": (["BertEncoder"], "BertLayer", 2), "llama": (["LlamaModel"], "LlamaDecoderLayer", 2),
+                "opt": (["OPTDecoder"], "OPTDecoderLayer", 2), "t5": (["T5Stack", "T5Stack"], "T5Block", 4)}
+    for arch, (stacks, block, n_blocks) in expected.items():
+        chosen.clear()
+        model = load(tiny[arch], compile="default", compile_scope=scope)
+        assert chosen == (stacks if scope == "stack" else [block] * n_blocks), arch
+        assert model.pad_multiple == 16
+
+
 # ------------------------------------------------------------------------------------------------ logit shift
 
 @pytest.mark.parametrize("arch", ["llama", "bert"])
