@@ -573,10 +573,10 @@ def compile_blocks(backbone: nn.Module, mode: str, scope: str = "stack") -> None
     without compiling."""
     stacks = []
     for name, module in backbone.named_modules():  # parents come before children
-        parent, _, leaf = name.rpartition(".")
-        inside = any(parent == s or parent.startswith(s + ".") or s == "" for s in stacks)
-        if isinstance(module, nn.ModuleList) and leaf in ("layer", "layers", "block", "h") and not inside:
-            stacks.append(name)  # T5Block's own `layer` list lies inside the T5Stack already chosen
+        inside = any(name.startswith(s + ".") for s in stacks)
+        if isinstance(module, nn.ModuleList) and name.rpartition(".")[2] in ("layer", "layers", "block", "h") \
+                and not inside:
+            stacks.append(name)  # (T5Block has its own `layer` list, inside the block list already chosen)
     if not stacks:
         raise ModelLoadError(f"model.compile: no stack of transformer blocks found in {type(backbone).__name__}")
     for name in stacks:
