@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from encode import encode_shard  # noqa: E402
 from bench.peak import peak_tflops  # noqa: E402
+from bench.train import body_params  # noqa: E402
 from lsr_core.config import ModelConfig  # noqa: E402
 from lsr_core.modeling import build_model  # noqa: E402
 
@@ -90,12 +91,6 @@ def make_texts(n: int, vocab_words: int, lo: int, hi: int, seed: int = 0) -> lis
 def encode_flops(cfg, n_params: int, lengths: list[int]) -> float:
     d_model, layers, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
     return float(sum(2 * n_params * n + 2 * d_model * vocab * n + 4 * layers * n * n * d_model for n in lengths))
-
-
-def body_params(backbone) -> int:
-    skip = {id(p) for m in (backbone.get_input_embeddings(), backbone.get_output_embeddings()) for p in m.parameters()}
-    return sum(p.numel() for name, p in backbone.named_parameters()
-               if id(p) not in skip and "position_embeddings" not in name and "token_type" not in name)
 
 
 def sync(device):
