@@ -332,7 +332,10 @@ def load_backbone(name: str, kind: str = "auto", *, gguf_file: str = "", dtype: 
         raise ModelLoadError(f"cannot load model: {_offline_hint(name)} ({str(err).splitlines()[0]})") from None
     if gguf_file:
         # a GGUF-loaded model refuses save_pretrained: rebuild it from its config and take over the de-quantised
-        # weights, so train.py can save what it trains
+        # weights, so train.py can save what it trains. Without the GGUF quantization_config, which would
+        # otherwise be saved too and make a model loaded from that folder refuse to save in turn
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         plain = _auto_class(kind).from_config(model.config, dtype=getattr(torch, dtype))
         plain.load_state_dict(model.state_dict())
         model = plain

@@ -1,5 +1,6 @@
 """A decoder student trained from a GGUF checkpoint (the real SmolLM2-135M-Instruct, DESIGN §8): train.py saves it
-as a plain HF folder, and encode.py loads that folder even though the resolved config still names the GGUF file."""
+as a plain HF folder (which loads and saves again), and encode.py loads that folder even though the resolved config
+still names the GGUF file."""
 import importlib.util
 import json
 
@@ -7,6 +8,8 @@ import pytest
 
 import encode
 import train
+from lsr_core.config import ModelConfig
+from lsr_core.modeling import build_model
 from lsr_core.sparse import load_vectors
 from tiny import make_collection
 
@@ -25,6 +28,10 @@ def test_gguf_decoder_trains_saves_and_encodes(tmp_path):
         "--train.max_steps=2", "--train.lr=1e-5"])
     spec = json.loads((final / "lsr_config.json").read_text())
     assert spec["kind"] == "decoder" and (final / "config.json").is_file()
+    # a plain folder: no GGUF quantization_config, so a model loaded from it (to train on) can be saved again
+    assert "quantization_config" not in json.loads((final / "config.json").read_text())
+    build_model(ModelConfig(name_or_path=str(final)), training=True).save(tmp_path / "resaved")
+    assert (tmp_path / "resaved" / "model.safetensors").is_file()
     encode.main(["--cfg", str(out / "config.yaml"), f"--encode.input={tmp_path}/data/queries.jsonl",
                  "--encode.kind=query", "--encode.topk=32"])
     ids, vectors = load_vectors(out / "encode" / "queries")
