@@ -87,23 +87,19 @@ print("minilm:", dst, sum(v.numel() for v in sd.values()), "parameters")
 EOF
 }
 
-gguf_to_hf() {  # $1 = folder with the GGUF, $2 = output HF folder (float32, the de-quantised weights). train.py
-  # cannot save a model loaded from GGUF (transformers: "quantized with gguf and is not serializable"), so the
-  # student starts from this plain copy instead
+gguf_to_hf() {  # $1 = folder with the GGUF, $2 = output HF folder (float32, the de-quantised weights): both SmolLM2
+  # students start from this plain copy rather than de-quantising the GGUF each (load_backbone rebuilds a GGUF-loaded
+  # model from its config, which is what makes it savable)
   $PY - "$1" "$2" "$GGUF" <<'EOF'
-import sys, torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+import sys
+sys.path.insert(0, ".")
+from lsr_core.modeling import load_backbone, load_tokenizer
 src, dst, gguf = sys.argv[1:]
-m = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
-tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
-cfg = m.config
-if hasattr(cfg, "quantization_config"):
-    del cfg.quantization_config
-plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-plain.load_state_dict(m.state_dict(), strict=True)
-assert plain.get_output_embeddings().weight.data_ptr() == plain.get_input_embeddings().weight.data_ptr()
-plain.save_pretrained(dst); tok.save_pretrained(dst)
-print("smollm2:", dst, sum(p.numel() for p in plain.parameters()), "parameters, tied head, vocab", len(tok))
+model, _ = load_backbone(src, "decoder", gguf_file=gguf)
+tok = load_tokenizer(src, gguf)
+assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+model.save_pretrained(dst); tok.save_pretrained(dst)
+print("smollm2:", dst, sum(p.numel() for p in model.parameters()), "parameters, tied head, vocab", len(tok))
 EOF
 }
 
