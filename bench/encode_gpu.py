@@ -9,7 +9,8 @@ tokenizer over as many words as the model's vocabulary, so one word = one token.
 the real shape and saved once (bf16): bert-base (BertForMaskedLM, 12 x 768, vocab 30522) and llama1b (Llama-3.2-1B
 shape: hidden 2048, 16 layers, 32 heads / 8 KV heads, intermediate 8192, vocab 128256, tied embeddings).
   ours: `build_model(..., dtype=bfloat16)` + `encode.encode_shard` (length-sorted batches, tokenise, forward with the
-        sparse MLM head), each batch's reps turned into a sparse COO tensor on the GPU: first as encode.py runs by
+        sparse MLM head: the fused Triton kernel unless --heads says otherwise), each batch's reps turned into a
+        sparse COO tensor on the GPU: first as encode.py runs by
         default (tokenising in the main process, encode.num_workers 0), then with --workers tokenizer workers
         (encode.num_workers), once per --compile mode (model.compile; batches padded to a multiple of 16)
   ST:   SparseEncoder([MLMTransformer(folder), SpladePooling("max")]) in bf16, `.encode(texts, batch_size)`
@@ -117,10 +118,10 @@ def shift_bias(backbone, shift: float) -> None:
     projection.bias.data.sub_(shift)
 
 
-def bench_ours(folder, texts, warm, args, device, workers: int, compile_mode: str):
+def bench_ours(folder, texts, warm, args, device, workers: int, compile_mode: str, head: str):
     mode, _, scope = compile_mode.partition(":")  # e.g. default:layer
     model = build_model(ModelConfig(name_or_path=str(folder), dtype="bfloat16", compile=mode,
-                                    compile_scope=scope or "stack")).to(device)
+                                    compile_scope=scope or "stack", head_kernel=head)).to(device)
     model.eval()
     if args.target_nnz and args.shift is None:
         args.shift = output_bias_shift(model, warm, args)
@@ -190,6 +191,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--workers", type=int, default=8, help="tokenizer workers (encode.num_workers)")
     parser.add_argument("--compile", default="none", help="comma list of model.compile modes to time with workers: "
                         "none, default, reduce-overhead, each optionally :layer (model.compile_scope)")
+    parser.add_argument("--heads", default="auto", help="comma list of model.head_kernel values to time: auto "
+                        "(the fused Triton kernel on a GPU), torch (chunked float32 logits), triton")
     parser.add_argument("--model-only", action="store_true", help="also time the model alone on batches tokenised "
                         "before the clock starts (the host pipeline's ceiling)")
     parser.add_argument("--target-nnz", type=int, default=150, help="shift the output bias to ~this many terms per "
@@ -210,17 +213,19 @@ def main(argv=None) -> list[dict]:
     warm = make_texts(8 * args.batch, words, args.min_words, args.max_words, seed=1)
     args.shift = None
     rows = []
-    variants = [(0, "none")] + [(args.workers, mode) for mode in args.compile.split(",")]
-    variants += [(-1, mode) for mode in args.compile.split(",")] if args.model_only else []
-    for workers, compile_mode in variants:
-        seconds, lengths, n_params, nnz = bench_ours(folder, texts, warm, args, device, workers, compile_mode)
+    heads, modes = args.heads.split(","), args.compile.split(",")
+    variants = [(0, "none", heads[0])] + [(args.workers, mode, head) for mode in modes for head in heads]
+    variants += [(-1, mode, head) for mode in modes for head in heads] if args.model_only else []
+    for workers, compile_mode, head in variants:
+        seconds, lengths, n_params, nnz = bench_ours(folder, texts, warm, args, device, workers, compile_mode, head)
         flop = encode_flops(cfg, n_params, lengths)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
         base = {"model": args.model, "docs": args.docs, "batch": args.batch, "mean_tokens": sum(lengths) / len(lengths),
                 "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "bias_shift": args.shift,
-                "peak_tflops": args.peak_tflops}
+                "peak_tflops": args.peak_tflops, "head_kernel": head}
         name = f"ours ({workers} tokenizer workers" if workers >= 0 else "ours (model only: pre-tokenised batches"
-        name += f", torch.compile {compile_mode})" if compile_mode != "none" else ")"
+        name += f", torch.compile {compile_mode}" if compile_mode != "none" else ""
+        name += f", head {head})" if head != "auto" else ")"
         rows.append(dict(base, system=name, seconds=seconds, docs_per_s=args.docs / seconds,
                          tokens_per_s=sum(lengths) / seconds, mfu=flop / seconds / (args.peak_tflops * 1e12),
                          peak_mem_gib=peak, nnz_mean=nnz))

@@ -51,6 +51,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     dtype: str = "float32"  # float32 | bfloat16 | float16: weights when loading for inference
     head_chunk: int = 0  # vocabulary rows per chunk in the MLM head; 0 = automatic
+    head_kernel: str = "auto"  # encoding head: auto (Triton kernel on CUDA in bf16/fp16, else torch) | torch | triton
     logit_shift: float = 0.0  # added to every vocabulary logit of the MLM head before ReLU (train.calibrate_nnz)
     length_buckets: int = 1  # training: split each batch into this many length-sorted sub-batches (less padding)
     compile: str = "none"  # none | default | reduce-overhead: torch.compile the transformer blocks (train and encode)
@@ -122,7 +123,7 @@ class EncodeConfig:
     threshold: float = 0.0  # drop weights <= threshold
     quant_scale: float = 0.0  # >0: integer weights round(w * scale)
     shard_size: int = 0  # texts per shard; 0 = one shard per process
-    num_workers: int = 0  # DataLoader workers tokenizing ahead of the model (2-4 on a GPU; 0 on a 2-core CPU)
+    num_workers: int = 0  # DataLoader workers tokenizing ahead of the model (GPU: ~6 on 16 cores; 0 on a 2-core CPU)
     max_length: int = 0  # tokens per text; 0 = the model's (model.max_doc_len / max_query_len, or lsr_config.json)
     flops_docs: str = ""  # kind=query: encoded corpus folder for the FLOPs estimate; default: sibling 'corpus'
 
@@ -206,6 +207,7 @@ CHOICES = {
     "model.quantization": ["none", "4bit", "8bit"],
     "model.compile": ["none", "default", "reduce-overhead", "max-autotune"],
     "model.compile_scope": ["stack", "layer"],
+    "model.head_kernel": ["auto", "torch", "triton"],
     "data.format": ["jsonl", "msmarco"],
     "train.loss": ["margin_mse", "kl", "infonce"],
     "train.q_reg": ["flops", "l1", "none"],

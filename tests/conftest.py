@@ -11,6 +11,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+if not torch.cuda.is_available():
+    # Triton kernels run in its interpreter on CPU tensors (tests/unit/test_head_kernel.py); triton reads this once,
+    # when first imported. Nothing picks a kernel by itself on the CPU (lsr_core.head_kernel.usable).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,92 @@
+"""The fused Triton encoding head (lsr_core/head_kernel.py) against a direct computation.
+
+On the CPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1; float32 and float16: the interpreter
+misreads bf16), which executes the same program: tiling, the grouped program order, the per-text [start, stop)
+range, masking and the running max. On a GPU (marked) it runs compiled in bf16 against the torch path.
+"""
+import pytest
+import torch
+
+from lsr_core import head_kernel
+from lsr_core.config import ModelConfig
+from lsr_core.modeling import _max_pool_inference, build_model
+from tests.tiny import make_collection, make_model
+
+pytest.importorskip("triton")
+interpreted = pytest.mark.skipif(not head_kernel.INTERPRET, reason="runs in Triton's interpreter (CPU machines)")
+
+
+def _masks(batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
+    """Every pattern the kernel must honour: holes, an empty text, left padding, right padding, echo (second
+    half only), a single position, and texts longer than one tile."""
+    mask = (torch.rand(batch, length, generator=gen) > 0.3).long()
+    mask[1] = 0
+    mask[2, :length // 2] = 0
+    mask[3, length - 5:] = 0
+    mask[4] = 0
+    mask[4, length // 2:] = 1
+    mask[5] = 0
+    mask[5, 7] = 1
+    return mask
+
+
+def _reference(feats, weight, mask):
+    logits = feats.float() @ weight.float().T
+    return logits.masked_fill(~mask.bool()[:, :, None], float("-inf")).amax(1)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("batch,length,hidden,vocab", [(11, 37, 40, 150), (6, 16, 16, 32), (9, 70, 24, 65)])
+def test_masked_max_matmul_equals_masked_max_of_the_logits(dtype, batch, length, hidden, vocab):
+    gen = torch.Generator().manual_seed(batch)
+    feats = torch.randn(batch, length, hidden, generator=gen).to(dtype)
+    weight = torch.randn(vocab, hidden, generator=gen).to(dtype)
+    mask = _masks(batch, length, gen)
+    got = head_kernel.masked_max_matmul(feats, weight, mask)
+    ref = _reference(feats, weight, mask)
+    assert got.dtype == torch.float32 and got.shape == (batch, vocab)
+    assert torch.equal(torch.isinf(got), torch.isinf(ref))  # exactly the empty text
+    assert torch.isinf(got[1]).all() and torch.isfinite(got[[0, 2, 3, 4, 5]]).all()
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(got[finite], ref[finite], rtol=1e-4, atol=1e-4)
+
+
+def test_masked_max_matmul_rejects_mismatched_weight():
+    with pytest.raises(ValueError, match="does not match"):
+        head_kernel.masked_max_matmul(torch.zeros(2, 3, 8), torch.zeros(5, 8, dtype=torch.float16),
+                                      torch.ones(2, 3))
+
+
+@interpreted
+def test_model_encodes_the_same_with_the_kernel_and_the_torch_path(tmp_path):
+    """Through build_model and encode_batch (bias, ReLU, log1p, dispatch): `model.head_kernel=triton` (the kernel,
+    interpreted) gives the vectors of `model.head_kernel=torch`; `auto` does not pick the kernel on the CPU."""
+    words = make_collection(tmp_path / "data")["words"]
+    folder = make_model(tmp_path / "bert", "bert", words)
+    texts = ["star planet orbit", "the recipe of the bread with butter and sugar in the kitchen of a castle", "goal"]
+    reps = {}
+    for kernel in ("triton", "torch"):
+        model = build_model(ModelConfig(name_or_path=str(folder), head_kernel=kernel)).eval()
+        with torch.inference_mode():
+            reps[kernel] = model.encode_batch(model.tokenize(texts, is_query=False), is_query=False)
+    assert (reps["torch"] > 0).sum() > 0
+    torch.testing.assert_close(reps["triton"], reps["torch"], rtol=1e-4, atol=1e-5)
+    assert not head_kernel.usable(torch.zeros(1, 1, 8, dtype=torch.bfloat16), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vocab,hidden", [(30522, 768), (128256, 2048)])
+def test_kernel_on_gpu_equals_torch_path_in_bf16(vocab, hidden):
+    gen = torch.Generator().manual_seed(0)
+    batch, length = 24, 200
+    feats = torch.randn(batch, length, hidden, generator=gen).to("cuda", torch.bfloat16)
+    weight = (torch.randn(vocab, hidden, generator=gen) * 0.03).to("cuda", torch.bfloat16)
+    bias = (torch.randn(vocab, generator=gen) * 0.1).cuda()
+    mask = _masks(batch, length, gen).cuda()
+    assert head_kernel.usable(feats, torch.bfloat16)
+    with torch.inference_mode():
+        got = _max_pool_inference(feats, weight, bias, mask, 0, kernel="auto")
+        ref = _max_pool_inference(feats, weight, bias, mask, 0, kernel="torch")
+    assert (ref > 0).float().mean() > 0.1
+    torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
