@@ -11,7 +11,7 @@ copy). Inference only (no argmax is kept): training uses `modeling._SparseMLMPoo
 
 Programs run in groups of GROUP_B texts that sweep the vocabulary together, so those texts' hidden states stay in L2
 while each weight tile is read once per group. Tile sizes are autotuned once per (hidden, vocabulary, width bucket)
-and process (about a second each).
+and process.
 Tested on the CPU through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU).
 """
 from __future__ import annotations
@@ -27,12 +27,14 @@ except ImportError:  # CPU-only installs: the torch path is used
     triton = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton at import
+_MAX_ELEMENTS = 2**31  # the kernel's offsets are 32-bit
 
 
-def usable(feats: torch.Tensor, dtype: torch.dtype) -> bool:
+def usable(feats: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> bool:
     """Where `model.head_kernel=auto` picks the kernel: CUDA tensors in bf16/fp16 (float32 would drop to TF32 in
-    tl.dot and differ from the torch path)."""
-    return triton is not None and not INTERPRET and feats.is_cuda and dtype in (torch.bfloat16, torch.float16)
+    tl.dot and differ from the torch path) that 32-bit offsets can address."""
+    return (triton is not None and not INTERPRET and feats.is_cuda and dtype in (torch.bfloat16, torch.float16)
+            and max(feats.numel(), weight.numel()) < _MAX_ELEMENTS)
 
 
 def check_runnable(feats: torch.Tensor) -> None:
@@ -97,13 +99,16 @@ def masked_max_matmul(feats: torch.Tensor, weight: torch.Tensor, mask: torch.Ten
     if weight.shape[1] != hidden or weight.dtype != feats.dtype:
         raise ValueError(f"weight {tuple(weight.shape)} {weight.dtype} does not match feats {tuple(feats.shape)} "
                          f"{feats.dtype}")
+    if max(feats.numel(), weight.numel()) >= _MAX_ELEMENTS:
+        raise ValueError(f"feats {tuple(feats.shape)} or weight {tuple(weight.shape)} has 2**31 elements or more: "
+                         "split the batch")
+    if batch == 0 or length == 0:
+        return torch.full((batch, vocab), float("-inf"), device=feats.device)
     keep = mask.bool()
     positions = torch.arange(length, device=feats.device)
     start = torch.where(keep, positions, length).amin(1).to(torch.int32)
     stop = torch.where(keep, positions + 1, 0).amax(1).to(torch.int32)
     out = torch.empty(batch, vocab, dtype=torch.float32, device=feats.device)
-    if batch == 0:
-        return out
 
     def grid(meta):
         return (batch * triton.cdiv(vocab, meta["BLOCK_V"]),)

@@ -220,7 +220,7 @@ def _max_pool_inference(feats, weight, bias, mask, chunk, activate: bool = True,
         else feats.dtype
     if kernel == "triton":
         head_kernel.check_runnable(feats)
-    if kernel == "triton" or (kernel == "auto" and head_kernel.usable(feats, dtype)):
+    if kernel == "triton" or (kernel == "auto" and head_kernel.usable(feats, weight, dtype)):
         out = head_kernel.masked_max_matmul(feats.to(dtype), weight.to(dtype), mask)
     else:
         flat = feats.reshape(batch * length, hidden).to(dtype)

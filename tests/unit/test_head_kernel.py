@@ -59,6 +59,13 @@ def test_masked_max_matmul_rejects_mismatched_weight():
 
 
 @interpreted
+def test_masked_max_matmul_empty_batch_and_width():
+    for feats in (torch.zeros(0, 4, 8), torch.zeros(3, 0, 8)):
+        out = head_kernel.masked_max_matmul(feats, torch.zeros(5, 8), torch.ones(feats.shape[:2]))
+        assert out.shape == (feats.shape[0], 5) and torch.isinf(out).all()
+
+
+@interpreted
 def test_model_encodes_the_same_with_the_kernel_and_the_torch_path(tmp_path):
     """Through build_model and encode_batch (bias, ReLU, log1p, dispatch): `model.head_kernel=triton` (the kernel,
     interpreted) gives the vectors of `model.head_kernel=torch`; `auto` does not pick the kernel on the CPU."""
@@ -72,7 +79,7 @@ def test_model_encodes_the_same_with_the_kernel_and_the_torch_path(tmp_path):
             reps[kernel] = model.encode_batch(model.tokenize(texts, is_query=False), is_query=False)
     assert (reps["torch"] > 0).sum() > 0
     torch.testing.assert_close(reps["triton"], reps["torch"], rtol=1e-4, atol=1e-5)
-    assert not head_kernel.usable(torch.zeros(1, 1, 8, dtype=torch.bfloat16), torch.bfloat16)
+    assert not head_kernel.usable(torch.zeros(1, 1, 8, dtype=torch.bfloat16), torch.zeros(4, 8), torch.bfloat16)
 
 
 @pytest.mark.gpu
@@ -84,7 +91,7 @@ def test_kernel_on_gpu_equals_torch_path_in_bf16(vocab, hidden):
     weight = (torch.randn(vocab, hidden, generator=gen) * 0.03).to("cuda", torch.bfloat16)
     bias = (torch.randn(vocab, generator=gen) * 0.1).cuda()
     mask = _masks(batch, length, gen).cuda()
-    assert head_kernel.usable(feats, torch.bfloat16)
+    assert head_kernel.usable(feats, weight, torch.bfloat16)
     with torch.inference_mode():
         got = _max_pool_inference(feats, weight, bias, mask, 0, kernel="auto")
         ref = _max_pool_inference(feats, weight, bias, mask, 0, kernel="torch")
