@@ -274,7 +274,9 @@ def main(argv=None) -> Path:
 def model_kind(accelerator, model) -> str:
     spec = accelerator.unwrap_model(model).spec
     heads = spec.query_head if spec.query_head == spec.doc_head else f"q{spec.query_head.upper()}-d{spec.doc_head.upper()}"
-    return f"{spec.kind}, {heads}" + (f", {spec.decoding}" if spec.kind == "encoder_decoder" else "")
+    plugin = accelerator.state.deepspeed_plugin
+    return f"{spec.kind}, {heads}" + (f", {spec.decoding}" if spec.kind == "encoder_decoder" else "") + \
+        (f", DeepSpeed ZeRO-{plugin.zero_stage}" if plugin is not None else "")
 
 
 def save_final(accelerator, model, out: Path) -> Path:

@@ -391,13 +391,19 @@ def _backbone_inputs(backbone, spec: LSRSpec, batch: dict) -> dict:
     raise ValueError(f"unknown decoding {spec.decoding!r}")
 
 
+def full_shape(param: torch.Tensor) -> torch.Size:
+    """A parameter's shape, also while DeepSpeed ZeRO-3 holds it partitioned (outside the owning module's forward
+    the local tensor is then empty and the real shape is `ds_shape`)."""
+    return getattr(param, "ds_shape", param.shape)
+
+
 def _head_bias(projection: nn.Module, shift: float):
     """The MLM head's bias: the projection's own (BERT) plus the constant `logit_shift`; None when both are absent."""
     if not shift:
         return projection.bias
     if projection.bias is not None:
         return projection.bias + shift
-    return torch.full((projection.weight.shape[0],), shift, dtype=torch.float32, device=projection.weight.device)
+    return torch.full((full_shape(projection.weight)[0],), shift, dtype=torch.float32, device=projection.weight.device)
 
 
 def sparse_forward(backbone, spec: LSRSpec, head: str, mlp: nn.Linear | None, batch: dict,
@@ -405,7 +411,7 @@ def sparse_forward(backbone, spec: LSRSpec, head: str, mlp: nn.Linear | None, ba
     """One tokenized batch -> reps [B, V] (float32, non-negative) with the given backbone and head.
     `raw=True` (MLM head, no gradient): the max-pooled logits before ReLU and log1p instead."""
     projection = backbone.get_output_embeddings()
-    vocab = projection.weight.shape[0]
+    vocab = full_shape(projection.weight)[0]
 
     def mlm(feats):
         bias = _head_bias(projection, spec.logit_shift)
@@ -448,14 +454,14 @@ class SparseModel(nn.Module):
         self.spec, self.tokenizer = spec, tokenizer
         self.doc_backbone = doc_backbone
         self.query_backbone = query_backbone if query_backbone is not doc_backbone else None
-        hidden = doc_backbone.get_input_embeddings().weight.shape[1]
+        hidden = full_shape(doc_backbone.get_input_embeddings().weight)[1]
         mlps = mlps or {}
         self.query_mlp = (mlps.get("query") or nn.Linear(hidden, 1)) if spec.query_head == "mlp" else None
         self.doc_mlp = (mlps.get("doc") or nn.Linear(hidden, 1)) if spec.doc_head == "mlp" else None
 
     @property
     def vocab_size(self) -> int:
-        return self.doc_backbone.get_output_embeddings().weight.shape[0]
+        return full_shape(self.doc_backbone.get_output_embeddings().weight)[0]
 
     length_buckets = 1  # set from model.length_buckets by build_model
     pad_multiple = 0  # set from model.pad_to_multiple: batch widths are rounded up to a multiple (fewer shapes)

@@ -1,5 +1,5 @@
-"""train.py across processes on the CPU: 2-process DDP under `accelerate launch` (gloo), and DeepSpeed ZeRO-2 in
-one process. Each runs train.py as a subprocess (a process group cannot be torn down cleanly inside pytest) and
+"""train.py across processes on the CPU: 2-process DDP under `accelerate launch` (gloo), and DeepSpeed ZeRO-2 and
+ZeRO-3 in one process. Each runs train.py as a subprocess (a process group cannot be torn down cleanly inside pytest) and
 checks that the run trains and saves a model that loads back.
 
 On a CPU-only machine `accelerate launch --multi_gpu --num_processes 2` starts 2 CPU processes (`--cpu` would
@@ -115,4 +115,27 @@ def test_deepspeed_zero2_single_cpu_process_with_resume(tiny, tmp_path):
     plain = tmp_path / "plain"
     train.main(train_args(tiny, plain)[1:])
     assert losses == pytest.approx(logged(plain), rel=1e-3, abs=1e-3)
+    torch.testing.assert_close(ds_reps, vectors(plain / "final"), atol=1e-3, rtol=1e-3)
+
+
+def test_deepspeed_zero3_single_cpu_process_calibrates_and_saves(tiny, tmp_path):
+    """ZeRO-3 partitions every parameter: calibration (train.calibrate_nnz) must still see whole weights, and the
+    final folder must hold gathered, full-size weights. In fp32 on one process both match plain training."""
+    ds_json = tmp_path / "zero3_cpu.json"
+    ds_json.write_text(json.dumps({
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                              "stage3_gather_16bit_weights_on_model_save": True},
+        "zero_allow_untested_optimizer": True, "bf16": {"enabled": False}}))
+    calibrate = ("--train.calibrate_nnz=40", "--train.max_steps=4")
+    out = tmp_path / "ds3"
+    proc = run([sys.executable, *train_args(tiny, out, f"--train.deepspeed={ds_json}", *calibrate)], tmp_path)
+    assert "DeepSpeed ZeRO-3" in proc.stdout + proc.stderr, proc.stderr[-2000:]
+    plain = tmp_path / "plain"
+    train.main(train_args(tiny, plain, *calibrate)[1:])
+    shift = json.loads((out / "final" / "lsr_config.json").read_text())["logit_shift"]
+    assert shift != 0 and shift == pytest.approx(json.loads((plain / "final" / "lsr_config.json").read_text())
+                                                 ["logit_shift"], abs=1e-4)
+    assert logged(out) == pytest.approx(logged(plain), rel=1e-3, abs=1e-3)
+    ds_reps = assert_trained_and_loadable(out / "final", tiny["bert"])
     torch.testing.assert_close(ds_reps, vectors(plain / "final"), atol=1e-3, rtol=1e-3)
