@@ -71,7 +71,7 @@ def make_accelerator(cfg) -> Accelerator:
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=cfg.train.deepspeed,
                                                      gradient_accumulation_steps=cfg.train.grad_accum,
                                                      gradient_clipping=cfg.train.max_grad_norm)
-    kwargs.update(accelerator_kwargs())  # CPU DDP: gloo
+    kwargs.update(accelerator_kwargs(deepspeed=bool(cfg.train.deepspeed)))  # several CPU processes: gloo
     return Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, mixed_precision=cfg.train.mixed_precision,
                        log_with=None if cfg.train.tracker == "none" else cfg.train.tracker,
                        project_dir=str(cfg.output_dir),

@@ -142,13 +142,18 @@ def stable_bucket(key: str, salt: str = "split") -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def accelerator_kwargs() -> dict:
-    """Accelerator arguments for where we run: several CPU processes (no CUDA) need `cpu=True` and the gloo
-    backend; GPUs and single processes need nothing."""
+def accelerator_kwargs(deepspeed: bool = False) -> dict:
+    """Accelerator arguments for where we run: several CPU processes (no CUDA) need the gloo backend, and DDP also
+    `cpu=True`; GPUs and single processes need nothing. With DeepSpeed (`deepspeed`, or `accelerate launch
+    --use_deepspeed`) `cpu=True` must not be passed: accelerate then drops the DeepSpeed plugin without a word and
+    trains with plain DDP."""
     import torch
 
     if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return {}
     from accelerate import InitProcessGroupKwargs
 
-    return {"cpu": True, "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+    gloo = {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+    if deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        return gloo
+    return {"cpu": True, **gloo}

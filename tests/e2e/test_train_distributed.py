@@ -120,7 +120,8 @@ def test_deepspeed_zero2_single_cpu_process_with_resume(tiny, tmp_path):
 
 def test_deepspeed_zero3_single_cpu_process_calibrates_and_saves(tiny, tmp_path):
     """ZeRO-3 partitions every parameter: calibration (train.calibrate_nnz) must still see whole weights, and the
-    final folder must hold gathered, full-size weights. In fp32 on one process both match plain training."""
+    final folder must hold gathered, full-size weights. In fp32 on one process both match plain training; on two
+    CPU processes DeepSpeed must really run (accelerate drops it if given `cpu=True`)."""
     ds_json = tmp_path / "zero3_cpu.json"
     ds_json.write_text(json.dumps({
         "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
@@ -139,3 +140,14 @@ def test_deepspeed_zero3_single_cpu_process_calibrates_and_saves(tiny, tmp_path)
     assert logged(out) == pytest.approx(logged(plain), rel=1e-3, abs=1e-3)
     ds_reps = assert_trained_and_loadable(out / "final", tiny["bert"])
     torch.testing.assert_close(ds_reps, vectors(plain / "final"), atol=1e-3, rtol=1e-3)
+
+    # two processes under accelerate launch: each calibrates on the same texts; the gathered save loads back
+    two = tmp_path / "ds3x2"
+    proc = run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(free_port()),
+                *train_args(tiny, two, f"--train.deepspeed={ds_json}", *calibrate)], tmp_path)
+    assert "DeepSpeed ZeRO-3) on 48 examples: 4 steps x effective batch 8 = 4 per device x 2 processes" in \
+        proc.stderr, proc.stderr[-3000:]  # not silently plain DDP
+    assert json.loads((two / "final" / "lsr_config.json").read_text())["logit_shift"] == pytest.approx(shift)
+    assert_trained_and_loadable(two / "final", tiny["bert"])
