@@ -298,8 +298,10 @@ def save_final(accelerator, model, out: Path) -> Path:
 
 
 def split_state_dict(model, full_state: dict) -> dict:
-    """SparseModel state dict -> {'doc': backbone state, 'query': backbone state} with HF key names."""
-    parts = {}
+    """SparseModel state dict -> {'doc': backbone state, 'query': backbone state} with HF key names, and 'mlp':
+    the MLP heads' tensors as SparseModel.save names them."""
+    parts = {"mlp": {f"{role}.{name}": full_state[f"{role}_mlp.{name}"] for role in ("query", "doc")
+                     for name in ("weight", "bias") if f"{role}_mlp.{name}" in full_state}}
     for role, prefix in (("doc", "doc_backbone."), ("query", "query_backbone.")):
         sub = {k[len(prefix):]: v for k, v in full_state.items() if k.startswith(prefix)}
         parts[role] = {k.replace("base_model.model.", ""): v for k, v in sub.items()} if sub else None

@@ -545,7 +545,8 @@ class SparseModel(nn.Module):
     # ------------------------------------------------------------------------------------------------ save / load
     def save(self, folder: str | Path, state_dicts: dict | None = None, save_fn=None) -> None:
         """Write HF folder(s) + lsr_config.json + MLP heads. `state_dicts` (from accelerator.get_state_dict, e.g.
-        gathered ZeRO-3 weights) maps 'query'/'doc' to full state dicts of the backbones."""
+        gathered ZeRO-3 weights) maps 'query'/'doc' to full state dicts of the backbones and 'mlp' to the MLP heads'
+        tensors ('query.weight', 'doc.bias', ...): under ZeRO-3 the modules themselves hold only empty shards."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
@@ -564,8 +565,9 @@ class SparseModel(nn.Module):
         heads = {}
         for role, mlp in (("query", self.query_mlp), ("doc", self.doc_mlp)):
             if mlp is not None:
-                heads[f"{role}.weight"] = mlp.weight.detach().float().cpu().contiguous()
-                heads[f"{role}.bias"] = mlp.bias.detach().float().cpu().contiguous()
+                for name, param in (("weight", mlp.weight), ("bias", mlp.bias)):
+                    tensor = state_dicts["mlp"][f"{role}.{name}"] if state_dicts is not None else param
+                    heads[f"{role}.{name}"] = tensor.detach().float().cpu().contiguous()
         if heads:
             save_file(heads, str(folder / MLP_HEAD))
         (folder / LSR_CONFIG).write_text(json.dumps(asdict(self.spec), indent=2) + "\n")
@@ -644,9 +646,9 @@ def build_model(mcfg, training: bool = False) -> SparseModel:
         tokenizer = load_tokenizer(name, gguf_file, mcfg.trust_remote_code)
         q_backbone = d_backbone
         if spec is None and not mcfg.shared:
-            import copy
-
-            q_backbone = copy.deepcopy(d_backbone)
+            # loaded twice rather than deep-copied: under ZeRO-3 the weights are partitioned as they load, and a
+            # copy of a partitioned module is not registered with DeepSpeed (its forward sees empty weights)
+            q_backbone, _ = load_backbone(name, mcfg.kind, **load_kw)
     if spec is None:
         spec = LSRSpec.from_model_config(mcfg, kind)
     if spec.kind != "encoder_decoder" and spec.decoding != "multi_token":

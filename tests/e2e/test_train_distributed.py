@@ -33,13 +33,14 @@ pytestmark = pytest.mark.slow
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_dist")
     collection = make_collection(root / "data")
-    return {"data": root / "data", "bert": make_model(root / "bert", "bert", collection["words"])}
+    return {"data": root / "data", **{arch: make_model(root / arch, arch, collection["words"])
+                                       for arch in ("bert", "llama", "t5")}}
 
 
-def train_args(tiny, out: Path, *overrides: str) -> list[str]:
+def train_args(tiny, out: Path, *overrides: str, yaml: str = "bert_mlm", arch: str = "bert") -> list[str]:
     data = tiny["data"]
-    return [str(ROOT / "train.py"), "--cfg", str(ROOT / "yamls" / "tiny" / "bert_mlm.yaml"),
-            f"--model.name_or_path={tiny['bert']}", f"--data.train_file={data / 'train.jsonl'}",
+    return [str(ROOT / "train.py"), "--cfg", str(ROOT / "yamls" / "tiny" / f"{yaml}.yaml"),
+            f"--model.name_or_path={tiny[arch]}", f"--data.train_file={data / 'train.jsonl'}",
             f"--data.corpus={data / 'corpus.jsonl'}", f"--data.queries={data / 'queries.jsonl'}",
             f"--exp.output_dir={out}", "--train.max_steps=10", *overrides]
 
@@ -71,7 +72,7 @@ def vectors(path) -> torch.Tensor:
 
 
 def assert_trained_and_loadable(final: Path, untrained: Path) -> torch.Tensor:
-    assert (final / "lsr_config.json").is_file() and (final / "model.safetensors").is_file()
+    assert (final / "lsr_config.json").is_file() and list(final.rglob("model.safetensors"))  # query/, doc/ if unshared
     reps = vectors(final)
     assert torch.equal(reps, vectors(final))
     assert (reps >= 0).all() and (reps > 0).any()
@@ -122,12 +123,7 @@ def test_deepspeed_zero3_single_cpu_process_calibrates_and_saves(tiny, tmp_path)
     """ZeRO-3 partitions every parameter: calibration (train.calibrate_nnz) must still see whole weights, and the
     final folder must hold gathered, full-size weights. In fp32 on one process both match plain training; on two
     CPU processes DeepSpeed must really run (accelerate drops it if given `cpu=True`)."""
-    ds_json = tmp_path / "zero3_cpu.json"
-    ds_json.write_text(json.dumps({
-        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
-                              "stage3_gather_16bit_weights_on_model_save": True},
-        "zero_allow_untested_optimizer": True, "bf16": {"enabled": False}}))
+    ds_json = zero3_json(tmp_path)
     calibrate = ("--train.calibrate_nnz=40", "--train.max_steps=4")
     out = tmp_path / "ds3"
     proc = run([sys.executable, *train_args(tiny, out, f"--train.deepspeed={ds_json}", *calibrate)], tmp_path)
@@ -151,3 +147,28 @@ def test_deepspeed_zero3_single_cpu_process_calibrates_and_saves(tiny, tmp_path)
         proc.stderr, proc.stderr[-3000:]  # not silently plain DDP
     assert json.loads((two / "final" / "lsr_config.json").read_text())["logit_shift"] == pytest.approx(shift)
     assert_trained_and_loadable(two / "final", tiny["bert"])
+
+
+def zero3_json(folder: Path) -> Path:
+    path = folder / "zero3_cpu.json"
+    path.write_text(json.dumps({
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                              "stage3_gather_16bit_weights_on_model_save": True},
+        "zero_allow_untested_optimizer": True, "bf16": {"enabled": False}}))
+    return path
+
+
+@pytest.mark.parametrize("yaml,arch", [("asym_qmlp_dmlm", "bert"), ("llama_multi", "llama"), ("t5_multi", "t5")])
+def test_deepspeed_zero3_other_heads_and_backbones(tiny, tmp_path, yaml, arch):
+    """Two backbones (asymmetric, MLP query head), a decoder and an encoder-decoder under ZeRO-3 on one process
+    give the vectors of plain training (a deep copy of a partitioned backbone used to train on empty weights, and
+    the MLP heads were saved from their empty shards)."""
+    out = tmp_path / "run"
+    proc = run([sys.executable, *train_args(tiny, out, f"--train.deepspeed={zero3_json(tmp_path)}",
+                                            "--train.max_steps=3", yaml=yaml, arch=arch)], tmp_path)
+    assert "DeepSpeed ZeRO-3" in proc.stderr
+    reps = assert_trained_and_loadable(out / "final", tiny[arch])
+    plain = tmp_path / "plain"
+    train.main(train_args(tiny, plain, "--train.max_steps=3", yaml=yaml, arch=arch)[1:])
+    torch.testing.assert_close(reps, vectors(plain / "final"), atol=1e-3, rtol=1e-3)
