@@ -121,13 +121,18 @@ def test_deepspeed_zero2_single_cpu_process_with_resume(tiny, tmp_path):
 
 def test_deepspeed_zero3_single_cpu_process_calibrates_and_saves(tiny, tmp_path):
     """ZeRO-3 partitions every parameter: calibration (train.calibrate_nnz) must still see whole weights, and the
-    final folder must hold gathered, full-size weights. In fp32 on one process both match plain training; on two
+    final folder must hold gathered, full-size weights. In fp32 on one process, killed and resumed, both match
+    plain uninterrupted training; on two
     CPU processes DeepSpeed must really run (accelerate drops it if given `cpu=True`)."""
     ds_json = zero3_json(tmp_path)
     calibrate = ("--train.calibrate_nnz=40", "--train.max_steps=4")
     out = tmp_path / "ds3"
-    proc = run([sys.executable, *train_args(tiny, out, f"--train.deepspeed={ds_json}", *calibrate)], tmp_path)
+    ds_args = train_args(tiny, out, f"--train.deepspeed={ds_json}", "--train.save_every=2", *calibrate)
+    run([sys.executable, *ds_args, "--train.stop_after=2"], tmp_path)  # killed after step 2 ...
+    assert (out / "checkpoints" / "step-000002" / "trainer_state.json").is_file() and not (out / "final").exists()
+    proc = run([sys.executable, *ds_args, "--train.resume=auto"], tmp_path)  # ... and resumed, shift restored
     assert "DeepSpeed ZeRO-3" in proc.stdout + proc.stderr, proc.stderr[-2000:]
+    assert "resumed from" in proc.stderr and "calibrate_nnz" not in proc.stderr
     plain = tmp_path / "plain"
     train.main(train_args(tiny, plain, *calibrate)[1:])
     shift = json.loads((out / "final" / "lsr_config.json").read_text())["logit_shift"]
