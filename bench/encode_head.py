@@ -98,7 +98,8 @@ def main(argv=None):
                     ms = timed(lambda: head(feats, weight, bias, mask), device, args.warmup, args.repeats)
                     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else 0.0
                     tile = head_kernel._masked_max_matmul.best_config if system == "triton" else None
-                    rows.append({"shape": name, "tile": str(tile) if tile else "", "hidden": hidden, "vocab": vocab, "batch": batch, "length": length,
+                    rows.append({"shape": name, "tile": str(tile) if tile else "", "hidden": hidden, "vocab": vocab,
+                                 "batch": batch, "length": length,
                                  "system": system, "ms": ms, "tflops": flop / ms / 1e9, "peak_extra_mib": peak,
                                  "max_abs_diff_vs_torch": diff,
                                  "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"})
@@ -115,7 +116,8 @@ def main(argv=None):
     print("|---|---|---|---:|---:|---:|---:|---:|---|")
     for r in rows:
         print(f"| {r['shape']} | {r['batch']} x {r['length']} | {r['system']} | {r['ms']:.2f} | {r['tflops']:.0f} "
-              f"| {r['peak_extra_mib']:.0f} | {r['speedup_vs_torch']:.2f}x | {r['max_abs_diff_vs_torch']:.1e} | {r['tile']} |")
+              f"| {r['peak_extra_mib']:.0f} | {r['speedup_vs_torch']:.2f}x | {r['max_abs_diff_vs_torch']:.1e} "
+              f"| {r['tile']} |")
     return rows
 
 

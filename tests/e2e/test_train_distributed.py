@@ -1,6 +1,6 @@
-"""train.py across processes on the CPU: 2-process DDP under `accelerate launch` (gloo), and DeepSpeed ZeRO-2 and
-ZeRO-3 in one process. Each runs train.py as a subprocess (a process group cannot be torn down cleanly inside pytest) and
-checks that the run trains and saves a model that loads back.
+"""train.py across processes on the CPU: 2-process DDP under `accelerate launch` (gloo), DeepSpeed ZeRO-2 in one
+process, ZeRO-3 in one and two. Each runs train.py as a subprocess (a process group cannot be torn down cleanly
+inside pytest) and checks that the run trains and saves a model that loads back.
 
 On a CPU-only machine `accelerate launch --multi_gpu --num_processes 2` starts 2 CPU processes (`--cpu` would
 start one). DeepSpeed builds its small shared-memory comm op with the C++ compiler on first use (~30 s, then cached
