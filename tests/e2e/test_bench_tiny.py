@@ -1,5 +1,5 @@
-"""The GPU benchmarks' CPU smoke runs (`--tiny`): every system of bench/train.py and bench/encode_gpu.py runs on tiny
-models and reports its row, so a change in lsr_core that breaks a benchmark is caught here, not on a lent GPU."""
+"""The GPU benchmarks' CPU smoke runs (`--tiny`): every system of bench/train.py, bench/encode_gpu.py and
+bench/encode_head.py runs on tiny models and reports its row, so a change in lsr_core that breaks a benchmark is caught here, not on a lent GPU."""
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -18,10 +18,18 @@ def test_train_bench_tiny():
 def test_encode_bench_tiny():
     from bench import encode_gpu
 
-    rows = encode_gpu.main(["--tiny", "--workers", "0", "--model-only"])
+    rows = encode_gpu.main(["--tiny", "--workers", "0", "--model-only", "--heads", "auto,torch"])
     systems = [r["system"] for r in rows]
     assert systems[-1] == "sentence-transformers SparseEncoder.encode" and "error" not in rows[-1]
     assert any("model only" in s for s in systems)
     # the same bias shift for every system: the term counts agree
     nnz = [r["nnz_mean"] for r in rows]
     assert max(nnz) - min(nnz) < 0.1 * max(nnz), nnz
+
+
+def test_encode_head_bench_tiny():
+    from bench import encode_head
+
+    rows = encode_head.main(["--tiny"])  # no GPU: the torch path and the naive head (the kernel needs CUDA)
+    assert [r["system"] for r in rows] == ["torch", "naive"]
+    assert rows[1]["max_abs_diff_vs_torch"] < 1e-2 and all(r["ms"] > 0 for r in rows)
