@@ -62,7 +62,7 @@ class ModelConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_targets: list = field(default_factory=lambda: ["all-linear"])
-    quantization: str = "none"  # none | 4bit | 8bit (QLoRA, needs bitsandbytes + CUDA)
+    quantization: str = "none"  # none | 4bit | 8bit (QLoRA, bitsandbytes; its CPU backend is slow, for tests)
     gradient_checkpointing: bool = False
     attn_implementation: str = ""  # "" = transformers default (sdpa)
 

@@ -24,6 +24,7 @@ Saved layout (`SparseModel.save`): `lsr_config.json` + an HF folder at the root 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -333,8 +334,9 @@ def load_backbone(name: str, kind: str = "auto", *, gguf_file: str = "", dtype: 
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if quantization != "none":
-        if not torch.cuda.is_available():
-            raise ModelLoadError(f"model.quantization={quantization} (QLoRA) needs a CUDA GPU and bitsandbytes")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ModelLoadError(f"model.quantization={quantization} (QLoRA) needs bitsandbytes (pip install "
+                                 "bitsandbytes)")
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
             load_in_4bit=quantization == "4bit", load_in_8bit=quantization == "8bit",
             bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)
@@ -612,10 +614,48 @@ def compile_blocks(backbone: nn.Module, mode: str, scope: str = "stack") -> None
 
 
 def _merged(backbone: nn.Module) -> nn.Module:
-    """A PEFT-wrapped backbone with its LoRA weights merged (a plain HF model otherwise)."""
-    if hasattr(backbone, "merge_and_unload"):
-        return backbone.merge_and_unload()
-    return backbone
+    """A PEFT-wrapped backbone with its LoRA weights merged (a plain HF model otherwise). A k-bit (QLoRA) base is
+    merged in 16 bits: merging into 4-bit weights re-quantises them, and the rounding is larger than the whole LoRA
+    update (measured 4x on a tiny Llama), so what was trained would be lost. The result is then a plain 16-bit HF
+    model in the dtype of its unquantised layers; `model.quantization` can quantise it again at load time."""
+    if not hasattr(backbone, "merge_and_unload"):
+        return backbone
+    base = backbone.get_base_model()
+    if getattr(base, "hf_quantizer", None) is not None:
+        _dequantize_bnb(base, base.get_input_embeddings().weight.dtype)  # the dtype of the unquantised rest
+        base.hf_quantizer.remove_quantization_config(base)
+    return backbone.merge_and_unload()
+
+
+def _dequantize_bnb(model: nn.Module, dtype: torch.dtype) -> None:
+    """Replace, in place, every bitsandbytes 4/8-bit linear layer by an nn.Linear in `dtype` holding the
+    de-quantised weight, plus the LoRA update when the layer is a LoRA base (the LoRA wrapper is replaced too)."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.integrations import dequantize_module_weight
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            layer = child.get_base_layer() if isinstance(child, LoraLayer) else child
+            if not isinstance(layer, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+                continue
+            state = getattr(layer.weight, "quant_state", None)
+            if getattr(state, "packing_format_for_cpu", False):
+                # on the CPU, bitsandbytes repacks 4-bit weights for its kernel at the first forward; undo it as
+                # its own state-dict saving does, or de-quantising reads the packed layout as the plain one
+                layer.weight.data, layer.weight.quant_state = bnb.functional._convert_weight_packed_for_cpu_inverse(
+                    layer.weight.data, state)
+            weight = dequantize_module_weight(layer).float()
+            if isinstance(child, LoraLayer):
+                for adapter in child.active_adapters:
+                    if adapter in child.lora_A:
+                        weight += child.get_delta_weight(adapter).float()
+            linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=dtype,
+                               device=weight.device)
+            linear.weight.data.copy_(weight)
+            if layer.bias is not None:
+                linear.bias.data.copy_(layer.bias.data)
+            setattr(parent, name, linear)
 
 
 def build_model(mcfg, training: bool = False) -> SparseModel:

@@ -77,8 +77,9 @@ def make_tokenizer(folder: str | Path, kind: str, words: list[str]):
     return tok
 
 
-def make_model(folder: str | Path, arch: str, words: list[str], seed: int = 0) -> Path:
-    """Save a tiny random model of `arch` (bert | llama | opt | t5) with a matching tokenizer into `folder`."""
+def make_model(folder: str | Path, arch: str, words: list[str], seed: int = 0, hidden: int = 32) -> Path:
+    """Save a tiny random model of `arch` (bert | llama | opt | t5) with a matching tokenizer into `folder`.
+    `hidden` (llama only): bitsandbytes' CPU 4-bit kernels need widths of at least its block size (64)."""
     import torch
     import transformers
 
@@ -92,8 +93,8 @@ def make_model(folder: str | Path, arch: str, words: list[str], seed: int = 0) -
                                       intermediate_size=64, max_position_embeddings=128, pad_token_id=tok.pad_token_id)
         model = transformers.BertForMaskedLM(cfg)
     elif arch == "llama":
-        cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                       num_key_value_heads=1, intermediate_size=64, max_position_embeddings=256,
+        cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                                       num_key_value_heads=1, intermediate_size=2 * hidden, max_position_embeddings=256,
                                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                        pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
         model = transformers.LlamaForCausalLM(cfg)
