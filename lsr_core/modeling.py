@@ -616,14 +616,16 @@ def compile_blocks(backbone: nn.Module, mode: str, scope: str = "stack") -> None
 def _merged(backbone: nn.Module) -> nn.Module:
     """A PEFT-wrapped backbone with its LoRA weights merged (a plain HF model otherwise). A k-bit (QLoRA) base is
     merged in 16 bits: merging into 4-bit weights re-quantises them, and the rounding is larger than the whole LoRA
-    update (measured 4x on a tiny Llama), so what was trained would be lost. The result is then a plain 16-bit HF
-    model in the dtype of its unquantised layers; `model.quantization` can quantise it again at load time."""
+    update (measured 4x on a tiny Llama), so what was trained would be lost. The result is then a plain HF model in
+    the 4-bit compute dtype (bf16 as `load_backbone` sets it); `model.quantization` can quantise it again at load."""
     if not hasattr(backbone, "merge_and_unload"):
         return backbone
     base = backbone.get_base_model()
     if getattr(base, "hf_quantizer", None) is not None:
-        _dequantize_bnb(base, base.get_input_embeddings().weight.dtype)  # the dtype of the unquantised rest
+        dtype = getattr(base.config.quantization_config, "bnb_4bit_compute_dtype", None) or torch.bfloat16
+        _dequantize_bnb(base, dtype)
         base.hf_quantizer.remove_quantization_config(base)
+        base.to(dtype)  # the unquantised rest (embeddings, norms) too: one 16-bit checkpoint
     return backbone.merge_and_unload()
 
 
