@@ -637,6 +637,8 @@ def _dequantize_bnb(model: nn.Module, dtype: torch.dtype) -> None:
     from peft.utils.integrations import dequantize_module_weight
 
     for parent in list(model.modules()):
+        if isinstance(parent, LoraLayer):
+            continue  # its base layer is handled (and the wrapper replaced) from the wrapper's own parent
         for name, child in list(parent.named_children()):
             layer = child.get_base_layer() if isinstance(child, LoraLayer) else child
             if not isinstance(layer, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
