@@ -30,11 +30,15 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton at impor
 _MAX_ELEMENTS = 2**31  # the kernel's offsets are 32-bit
 
 
+def _addressable(feats: torch.Tensor, weight: torch.Tensor) -> bool:
+    return max(feats.numel(), weight.numel()) < _MAX_ELEMENTS
+
+
 def usable(feats: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> bool:
     """Where `model.head_kernel=auto` picks the kernel: CUDA tensors in bf16/fp16 (float32 would drop to TF32 in
     tl.dot and differ from the torch path) that 32-bit offsets can address."""
     return (triton is not None and not INTERPRET and feats.is_cuda and dtype in (torch.bfloat16, torch.float16)
-            and max(feats.numel(), weight.numel()) < _MAX_ELEMENTS)
+            and _addressable(feats, weight))
 
 
 def check_runnable(feats: torch.Tensor) -> None:
@@ -99,7 +103,7 @@ def masked_max_matmul(feats: torch.Tensor, weight: torch.Tensor, mask: torch.Ten
     if weight.shape[1] != hidden or weight.dtype != feats.dtype:
         raise ValueError(f"weight {tuple(weight.shape)} {weight.dtype} does not match feats {tuple(feats.shape)} "
                          f"{feats.dtype}")
-    if max(feats.numel(), weight.numel()) >= _MAX_ELEMENTS:
+    if not _addressable(feats, weight):
         raise ValueError(f"feats {tuple(feats.shape)} or weight {tuple(weight.shape)} has 2**31 elements or more: "
                          "split the batch")
     if batch == 0 or length == 0:

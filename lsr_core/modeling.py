@@ -216,7 +216,6 @@ def _max_pool_inference(feats, weight, bias, mask, chunk, activate: bool = True,
     `activate=False` returns the pooled logits before ReLU and log1p (what calibration thresholds)."""
     batch, length, hidden = feats.shape
     vocab = weight.shape[0]
-    chunk = chunk or 4 * _auto_chunk(batch, vocab, length, feats.device)
     dtype = torch.get_autocast_dtype(feats.device.type) if torch.is_autocast_enabled(feats.device.type) \
         else feats.dtype
     if kernel == "triton":
@@ -224,6 +223,7 @@ def _max_pool_inference(feats, weight, bias, mask, chunk, activate: bool = True,
     if kernel == "triton" or (kernel == "auto" and head_kernel.usable(feats, weight, dtype)):
         out = head_kernel.masked_max_matmul(feats.to(dtype), weight.to(dtype), mask)
     else:
+        chunk = chunk or 4 * _auto_chunk(batch, vocab, length, feats.device)
         flat = feats.reshape(batch * length, hidden).to(dtype)
         pad = ~mask.bool()[:, :, None]
         out = torch.empty(batch, vocab, dtype=torch.float32, device=feats.device)
