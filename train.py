@@ -59,6 +59,11 @@ class EpochView(torch.utils.data.Dataset):
         return self.examples[self.order[i]]
 
 
+def uses_deepspeed(cfg) -> bool:
+    """DeepSpeed from the config (`train.deepspeed`) or from the launcher (`accelerate launch --use_deepspeed`)."""
+    return bool(cfg.train.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+
+
 def make_accelerator(cfg) -> Accelerator:
     kwargs = {}
     if cfg.train.deepspeed:
@@ -71,7 +76,7 @@ def make_accelerator(cfg) -> Accelerator:
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=cfg.train.deepspeed,
                                                      gradient_accumulation_steps=cfg.train.grad_accum,
                                                      gradient_clipping=cfg.train.max_grad_norm)
-    kwargs.update(accelerator_kwargs(deepspeed=bool(cfg.train.deepspeed)))  # several CPU processes: gloo
+    kwargs.update(accelerator_kwargs(deepspeed=uses_deepspeed(cfg)))  # several CPU processes: gloo
     return Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, mixed_precision=cfg.train.mixed_precision,
                        log_with=None if cfg.train.tracker == "none" else cfg.train.tracker,
                        project_dir=str(cfg.output_dir),
@@ -145,7 +150,7 @@ def main(argv=None) -> Path:
     cfg = load_config(sys.argv[1:] if argv is None else argv)
     if cfg.train.loss in NEEDS_TEACHER and not (cfg.data.teacher_scores or cfg.data.format == "jsonl"):
         raise ConfigError(f"'train.loss={cfg.train.loss}' needs teacher scores ('data.teacher_scores')")
-    if cfg.model.compile != "none" and (cfg.train.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"):
+    if cfg.model.compile != "none" and uses_deepspeed(cfg):
         raise ConfigError("'model.compile' is not supported with DeepSpeed here: leave it 'none' (or use the "
                           "DeepSpeed json's own 'compile' section)")
     accelerator = make_accelerator(cfg)

@@ -144,8 +144,8 @@ def stable_bucket(key: str, salt: str = "split") -> float:
 
 def accelerator_kwargs(deepspeed: bool = False) -> dict:
     """Accelerator arguments for where we run: several CPU processes (no CUDA) need the gloo backend, and DDP also
-    `cpu=True`; GPUs and single processes need nothing. With DeepSpeed (`deepspeed`, or `accelerate launch
-    --use_deepspeed`) `cpu=True` must not be passed: accelerate then drops the DeepSpeed plugin without a word and
+    `cpu=True`; GPUs and single processes need nothing. With DeepSpeed (`deepspeed`: train.py's
+    `uses_deepspeed`) `cpu=True` must not be passed: accelerate then drops the DeepSpeed plugin without a word and
     trains with plain DDP."""
     import torch
 
@@ -154,6 +154,6 @@ def accelerator_kwargs(deepspeed: bool = False) -> dict:
     from accelerate import InitProcessGroupKwargs
 
     gloo = {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
-    if deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+    if deepspeed:
         return gloo
     return {"cpu": True, **gloo}
