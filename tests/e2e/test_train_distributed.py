@@ -55,6 +55,19 @@ def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return proc
 
 
+def deepspeed_json(folder: Path, stage: int) -> Path:
+    """A CPU DeepSpeed config: fp32, torch's AdamW (no optimizer section, so no op to compile); under ZeRO-3 every
+    parameter is partitioned and the final save gathers them."""
+    zero = {"stage": stage}
+    if stage == 3:
+        zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=True)
+    path = folder / f"zero{stage}_cpu.json"
+    path.write_text(json.dumps({
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+        "zero_optimization": zero, "zero_allow_untested_optimizer": True, "bf16": {"enabled": False}}))
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -96,10 +109,7 @@ def test_ddp_two_cpu_processes(tiny, tmp_path):
 
 
 def test_deepspeed_zero2_single_cpu_process_with_resume(tiny, tmp_path):
-    ds_json = tmp_path / "zero2_cpu.json"
-    ds_json.write_text(json.dumps({
-        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
-        "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True, "bf16": {"enabled": False}}))
+    ds_json = deepspeed_json(tmp_path, stage=2)
     out = tmp_path / "ds"
     ds_args = train_args(tiny, out, f"--train.deepspeed={ds_json}", "--train.save_every=5")
     run([sys.executable, *ds_args, "--train.stop_after=5"], tmp_path)  # killed after step 5 ...
@@ -124,7 +134,7 @@ def test_deepspeed_zero3_single_cpu_process_calibrates_and_saves(tiny, tmp_path)
     final folder must hold gathered, full-size weights. In fp32 on one process, killed and resumed, both match
     plain uninterrupted training; on two
     CPU processes DeepSpeed must really run (accelerate drops it if given `cpu=True`)."""
-    ds_json = zero3_json(tmp_path)
+    ds_json = deepspeed_json(tmp_path, stage=3)
     calibrate = ("--train.calibrate_nnz=40", "--train.max_steps=4")
     out = tmp_path / "ds3"
     ds_args = train_args(tiny, out, f"--train.deepspeed={ds_json}", "--train.save_every=2", *calibrate)
@@ -154,23 +164,13 @@ def test_deepspeed_zero3_single_cpu_process_calibrates_and_saves(tiny, tmp_path)
     assert_trained_and_loadable(two / "final", tiny["bert"])
 
 
-def zero3_json(folder: Path) -> Path:
-    path = folder / "zero3_cpu.json"
-    path.write_text(json.dumps({
-        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
-                              "stage3_gather_16bit_weights_on_model_save": True},
-        "zero_allow_untested_optimizer": True, "bf16": {"enabled": False}}))
-    return path
-
-
 @pytest.mark.parametrize("yaml,arch", [("asym_qmlp_dmlm", "bert"), ("llama_multi", "llama"), ("t5_multi", "t5")])
 def test_deepspeed_zero3_other_heads_and_backbones(tiny, tmp_path, yaml, arch):
     """Two backbones (asymmetric, MLP query head), a decoder and an encoder-decoder under ZeRO-3 on one process
     give the vectors of plain training (a deep copy of a partitioned backbone used to train on empty weights, and
     the MLP heads were saved from their empty shards)."""
     out = tmp_path / "run"
-    proc = run([sys.executable, *train_args(tiny, out, f"--train.deepspeed={zero3_json(tmp_path)}",
+    proc = run([sys.executable, *train_args(tiny, out, f"--train.deepspeed={deepspeed_json(tmp_path, stage=3)}",
                                             "--train.max_steps=3", yaml=yaml, arch=arch)], tmp_path)
     assert "DeepSpeed ZeRO-3" in proc.stderr
     reps = assert_trained_and_loadable(out / "final", tiny[arch])
