@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 import train
 from lsr_core.config import ModelConfig
-from lsr_core.modeling import _merged, _prepare_for_training, build_model, load_backbone
+from lsr_core.modeling import ModelLoadError, _merged, _prepare_for_training, build_model, load_backbone
 from tests.tiny import make_collection, make_model
 
 pytest.importorskip("bitsandbytes")
@@ -61,3 +61,13 @@ def test_qlora_trains_saves_a_16bit_folder_and_encodes(llama, tmp_path):
         reps = build_model(ModelConfig(name_or_path=str(final))).eval().encode(texts, is_query=False)
         base = build_model(ModelConfig(name_or_path=str(llama["model"]))).eval().encode(texts, is_query=False)
     assert (reps > 0).any() and not torch.allclose(reps, base, atol=1e-4)
+
+
+def test_quantization_without_bitsandbytes_says_so(llama, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else
+                        find_spec(name, *a))
+    with pytest.raises(ModelLoadError, match=r"model.quantization=4bit \(QLoRA\) needs bitsandbytes"):
+        load_backbone(str(llama["model"]), quantization="4bit")

@@ -58,6 +58,23 @@ def test_masked_max_matmul_rejects_mismatched_weight():
                                       torch.ones(2, 3))
 
 
+def test_masked_max_matmul_rejects_inputs_past_32_bit_offsets():
+    feats = torch.empty(2, 2**15, 2**15, dtype=torch.float16, device="meta")  # 2**31 elements, none allocated
+    weight = torch.empty(8, 2**15, dtype=torch.float16, device="meta")
+    assert not head_kernel.usable(feats, weight, torch.float16)
+    with pytest.raises(ValueError, match=r"2\*\*31 elements or more: split the batch"):
+        head_kernel.masked_max_matmul(feats, weight, torch.ones(2, 2**15, device="meta"))
+
+
+def test_forced_kernel_says_why_it_cannot_run(monkeypatch):
+    monkeypatch.setattr(head_kernel, "INTERPRET", False)
+    with pytest.raises(RuntimeError, match="needs a CUDA device, got cpu"):
+        head_kernel.check_runnable(torch.zeros(1, 1, 8))
+    monkeypatch.setattr(head_kernel, "triton", None)
+    with pytest.raises(RuntimeError, match="needs the 'triton' package"):
+        head_kernel.check_runnable(torch.zeros(1, 1, 8))
+
+
 @interpreted
 def test_masked_max_matmul_empty_batch_and_width():
     for feats in (torch.zeros(0, 4, 8), torch.zeros(3, 0, 8)):
