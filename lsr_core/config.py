@@ -52,6 +52,8 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16: weights when loading for inference
     head_chunk: int = 0  # vocabulary rows per chunk in the MLM head; 0 = automatic
     head_kernel: str = "auto"  # encoding head: auto (Triton kernel on CUDA in bf16/fp16, else torch) | torch | triton
+    packed: str = "auto"  # encoding with an encoder: texts end to end without padding, varlen flash attention
+    #                       (auto: on CUDA for BERT/DistilBERT/ELECTRA/RoBERTa/XLM-R) | true (any device) | false
     logit_shift: float = 0.0  # added to every vocabulary logit of the MLM head before ReLU (train.calibrate_nnz)
     length_buckets: int = 1  # training: split each batch into this many length-sorted sub-batches (less padding)
     compile: str = "none"  # none | default | reduce-overhead: torch.compile the transformer blocks (train and encode)
@@ -208,6 +210,7 @@ CHOICES = {
     "model.compile": ["none", "default", "reduce-overhead", "max-autotune"],
     "model.compile_scope": ["stack", "layer"],
     "model.head_kernel": ["auto", "torch", "triton"],
+    "model.packed": ["auto", "true", "false"],
     "data.format": ["jsonl", "msmarco"],
     "train.loss": ["margin_mse", "kl", "infonce"],
     "train.q_reg": ["flops", "l1", "none"],
@@ -257,6 +260,8 @@ def _coerce(value, typ, key: str, where: str):
     elif origin is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # YAML reads `packed: true` as a bool
+            return "true" if value else "false"
         if value is None:
             return ""
     elif origin is list:

@@ -31,7 +31,8 @@ _MAX_ELEMENTS = 2**31  # the kernel's offsets are 32-bit
 
 
 def _addressable(feats: torch.Tensor, weight: torch.Tensor) -> bool:
-    return max(feats.numel(), weight.numel()) < _MAX_ELEMENTS
+    """Every element's offset fits 32 bits (offsets, not sizes: packed texts are expanded with stride 0)."""
+    return all(sum((n - 1) * s for n, s in zip(t.shape, t.stride())) < _MAX_ELEMENTS - 1 for t in (feats, weight))
 
 
 def usable(feats: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -95,9 +96,13 @@ if triton is not None:
         tl.store(out + b * V + offs_v, best, mask=in_v)
 
 
-def masked_max_matmul(feats: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, group: int = 8) -> torch.Tensor:
+def masked_max_matmul(feats: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, group: int = 8,
+                      bounds: tuple[torch.Tensor, torch.Tensor] | None = None, width: int = 0) -> torch.Tensor:
     """feats [B, L, H], weight [V, H] (same dtype), mask [B, L] (nonzero = pool) -> [B, V] float32 maxima of the
-    raw products over pooled positions (-inf for a text with none). No host synchronisation."""
+    raw products over pooled positions (-inf for a text with none). No host synchronisation.
+    `bounds` = (start, stop) [B] int32: text b reads only positions [start, stop) (packed texts: feats [1, T, H] and
+    mask [1, T] expanded to B rows with stride 0); by default each row's first and last pooled position.
+    `width`: the longest text's length when `bounds` are given (tiles are tuned per width), else feats' length."""
     batch, length, hidden = feats.shape
     vocab = weight.shape[0]
     if weight.shape[1] != hidden or weight.dtype != feats.dtype:
@@ -108,10 +113,12 @@ def masked_max_matmul(feats: torch.Tensor, weight: torch.Tensor, mask: torch.Ten
                          "split the batch")
     if batch == 0 or length == 0:
         return torch.full((batch, vocab), float("-inf"), device=feats.device)
-    keep = mask.bool()
-    positions = torch.arange(length, device=feats.device)
-    start = torch.where(keep, positions, length).amin(1).to(torch.int32)
-    stop = torch.where(keep, positions + 1, 0).amax(1).to(torch.int32)
+    if bounds is None:
+        keep = mask.bool()
+        positions = torch.arange(length, device=feats.device)
+        bounds = (torch.where(keep, positions, length).amin(1).to(torch.int32),
+                  torch.where(keep, positions + 1, 0).amax(1).to(torch.int32))
+    start, stop = bounds
     out = torch.empty(batch, vocab, dtype=torch.float32, device=feats.device)
 
     def grid(meta):
@@ -119,7 +126,8 @@ def masked_max_matmul(feats: torch.Tensor, weight: torch.Tensor, mask: torch.Ten
 
     # tiles are tuned per padded width (a host-side number: no synchronisation), rounded up to a multiple of 32 up to
     # 256 tokens and to a power of two beyond: positions past a text's end still cost a tile's share of the MMA
-    bucket = -(-length // 32) * 32 if length <= 256 else triton.next_power_of_2(length)
+    width = width or length
+    bucket = -(-width // 32) * 32 if width <= 256 else triton.next_power_of_2(width)
     _masked_max_matmul[grid](feats, weight, mask, start, stop, out, batch, hidden, vocab, bucket,
                              *feats.stride(), *weight.stride(), *mask.stride(), GROUP_B=group)
     return out

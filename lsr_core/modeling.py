@@ -209,18 +209,32 @@ def sparse_mlm_pool(feats, weight, bias, mask, pooling="max", chunk=0, kernel="a
     return _SparseMLMPool.apply(feats, weight, bias, mask, pooling, chunk)
 
 
-def _max_pool_inference(feats, weight, bias, mask, chunk, activate: bool = True, kernel: str = "auto"):
+def _max_pool_inference(feats, weight, bias, mask, chunk, activate: bool = True, kernel: str = "auto",
+                        packed: torch.Tensor | None = None):
     """Encoding path of max pooling: no argmax to keep. On CUDA in bf16/fp16 the fused Triton kernel (no logits
     written); otherwise chunked, and on the CPU the logits stay in the matmul dtype (bf16 halves the memory passes
     of masking and max; measured 3.5-6x faster than the training path on 2 cores).
-    `activate=False` returns the pooled logits before ReLU and log1p (what calibration thresholds)."""
-    batch, length, hidden = feats.shape
-    vocab = weight.shape[0]
+    `activate=False` returns the pooled logits before ReLU and log1p (what calibration thresholds).
+    `packed`: the padded batch's attention mask [B, L] when feats [1, T, H] and mask [1, T] hold its texts end to end
+    (`_packed_inputs`); the kernel reads each text's span in place, the torch path unpads first."""
     dtype = torch.get_autocast_dtype(feats.device.type) if torch.is_autocast_enabled(feats.device.type) \
         else feats.dtype
     if kernel == "triton":
         head_kernel.check_runnable(feats)
-    if kernel == "triton" or (kernel == "auto" and head_kernel.usable(feats, weight, dtype)):
+    use_kernel = kernel == "triton" or (kernel == "auto" and head_kernel.usable(feats, weight, dtype))
+    if packed is not None and use_kernel:
+        ends = packed.sum(1, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+        rows = packed.shape[0]
+        out = head_kernel.masked_max_matmul(feats.to(dtype).expand(rows, -1, -1), weight.to(dtype),
+                                            mask.expand(rows, -1), bounds=(starts, ends), width=packed.shape[1])
+        return _activate(out, bias, activate)
+    if packed is not None:
+        feats = feats.new_zeros(*packed.shape, feats.shape[-1]).index_put_((packed,), feats[0])
+        mask = mask.new_zeros(packed.shape).index_put_((packed,), mask[0])
+    batch, length, hidden = feats.shape
+    vocab = weight.shape[0]
+    if use_kernel:
         out = head_kernel.masked_max_matmul(feats.to(dtype), weight.to(dtype), mask)
     else:
         chunk = chunk or 4 * _auto_chunk(batch, vocab, length, feats.device)
@@ -233,9 +247,13 @@ def _max_pool_inference(feats, weight, bias, mask, chunk, activate: bool = True,
             logits = _mm_float32(flat, w_chunk) if feats.is_cuda else flat @ w_chunk
             logits = logits.view(batch, length, stop - start).masked_fill_(pad, float("-inf"))
             out[:, start:stop] = logits.amax(dim=1).float()
+    return _activate(out, bias, activate)
+
+
+def _activate(pooled: torch.Tensor, bias, activate: bool) -> torch.Tensor:
     if bias is not None:
-        out += bias.float()
-    return torch.log1p(torch.relu(out)) if activate else out
+        pooled += bias.float()
+    return torch.log1p(torch.relu(pooled)) if activate else pooled
 
 
 def mlp_pool(token_weights: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -360,6 +378,80 @@ def load_backbone(name: str, kind: str = "auto", *, gguf_file: str = "", dtype: 
     return model, kind
 
 
+# -------------------------------------------------------------------------------------------------- packed encoding
+# Encoders at inference can run a batch as one row of its texts end to end, without padding: attention is then
+# variable-length flash attention (torch.nn.attention.varlen) instead of SDPA with a padding mask, and the fused head
+# reads each text's span of the row. On an H200, BERT-base on MS MARCO-like lengths: bench/RESULTS.md run P.
+PACKED_ATTENTION = "lsr_packed"  # registered with transformers' AttentionInterface; SDPA when not packed
+# the model types whose packed output is tested equal to the padded one, with their first position id
+PACKED_POSITION_OFFSET = {"bert": lambda cfg: 0, "distilbert": lambda cfg: 0, "electra": lambda cfg: 0,
+                          "roberta": lambda cfg: cfg.pad_token_id + 1, "xlm-roberta": lambda cfg: cfg.pad_token_id + 1}
+
+
+try:  # torch >= 2.10
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+
+
+def _packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seq_lens_q=None,
+                      max_length_q=None, **kwargs):
+    """transformers attention function: with `cu_seq_lens_q` (texts packed into one row) each text attends to itself
+    only; otherwise exactly transformers' SDPA attention, so the same backbone also runs padded batches."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if cu_seq_lens_q is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [1, heads, T, d] -> [T, heads, d]
+    if q.is_cuda and varlen_attn is not None:  # (a call here, e.g. find_spec, would break the compiled graph)
+        out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scale=scaling)
+    else:  # CPU (tests, model.packed=true): one SDPA call per text
+        ends = cu_seq_lens_q.tolist()
+        out = torch.cat([nn.functional.scaled_dot_product_attention(
+            *(t[a:b].transpose(0, 1) for t in (q, k, v)), scale=scaling).transpose(0, 1)
+            for a, b in zip(ends, ends[1:])])
+    return out.unsqueeze(0), None
+
+
+def enable_packing(backbone, kind: str, packed: str) -> bool:
+    """model.packed: switch an encoder backbone to the packed-capable attention. "auto" does so where supported
+    (a model type of PACKED_POSITION_OFFSET on transformers' default SDPA attention) and packs on CUDA only; "true"
+    fails where unsupported and packs on any device (the CPU fallback runs one SDPA call per text)."""
+    cfg = backbone.config
+    supported = kind == "encoder" and cfg.model_type in PACKED_POSITION_OFFSET and \
+        cfg._attn_implementation in ("sdpa", PACKED_ATTENTION)
+    if packed == "false" or (packed == "auto" and not supported):
+        return False
+    if not supported:
+        raise ModelLoadError(f"model.packed=true needs an encoder of type {sorted(PACKED_POSITION_OFFSET)} with "
+                             f"sdpa attention, got {cfg.model_type!r} with {cfg._attn_implementation!r} attention")
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(PACKED_ATTENTION, _packed_attention)
+    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+    cfg._attn_implementation = PACKED_ATTENTION
+    return True
+
+
+def _packed_inputs(backbone, batch: dict) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """A padded batch -> (the backbone's inputs with its texts packed into one row, the pool mask [1, T], the
+    attention mask [B, L] as a bool to unpack with). Positions restart at each text as padded inputs have them."""
+    keep = batch["attention_mask"].bool()
+    ends = keep.sum(1, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    cu = torch.cat([ends.new_zeros(1), ends])
+    ids = batch["input_ids"][keep][None]
+    first = PACKED_POSITION_OFFSET[backbone.config.model_type](backbone.config)
+    # the longest text, rounded up: an upper bound is enough for the kernel, and few values keep compile's graphs few
+    width = _round_up(keep.shape[1], 64)
+    inputs = {"input_ids": ids, "position_ids": (keep.cumsum(1) - 1)[keep][None] + first,
+              "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": width, "max_length_k": width}
+    if getattr(backbone.config, "type_vocab_size", 0):  # BERT's default token types stop at 512 positions
+        inputs["token_type_ids"] = torch.zeros_like(ids)
+    return inputs, batch["pool_mask"][keep][None], keep
+
+
 # --------------------------------------------------------------------------------------------------------- model
 
 def _backbone_inputs(backbone, spec: LSRSpec, batch: dict) -> dict:
@@ -409,18 +501,25 @@ def _head_bias(projection: nn.Module, shift: float):
 
 
 def sparse_forward(backbone, spec: LSRSpec, head: str, mlp: nn.Linear | None, batch: dict,
-                   raw: bool = False) -> torch.Tensor:
+                   raw: bool = False, packed: bool = False) -> torch.Tensor:
     """One tokenized batch -> reps [B, V] (float32, non-negative) with the given backbone and head.
-    `raw=True` (MLM head, no gradient): the max-pooled logits before ReLU and log1p instead."""
+    `raw=True` (MLM head, no gradient): the max-pooled logits before ReLU and log1p instead.
+    `packed=True` (encoder with `enable_packing`, MLM head, max pooling, no gradient): run the texts unpadded."""
     projection = backbone.get_output_embeddings()
     vocab = full_shape(projection.weight)[0]
+    unpad = None
 
     def mlm(feats):
         bias = _head_bias(projection, spec.logit_shift)
-        if raw:
-            return _max_pool_inference(feats, projection.weight, bias, mask, spec.head_chunk, activate=False,
-                                       kernel=spec.head_kernel)
+        if raw or unpad is not None:
+            return _max_pool_inference(feats, projection.weight, bias, mask, spec.head_chunk, activate=not raw,
+                                       kernel=spec.head_kernel, packed=unpad)
         return sparse_mlm_pool(feats, projection.weight, bias, mask, spec.pooling, spec.head_chunk, spec.head_kernel)
+
+    if packed:
+        inputs, mask, unpad = _packed_inputs(backbone, batch)
+        with _projection_swapped(projection, mlm):
+            return backbone(**inputs).logits
 
     if spec.kind == "encoder_decoder" and spec.decoding == "single_token":
         mask = torch.ones_like(batch["input_ids"][:, :1])
@@ -467,6 +566,12 @@ class SparseModel(nn.Module):
 
     length_buckets = 1  # set from model.length_buckets by build_model
     pad_multiple = 0  # set from model.pad_to_multiple: batch widths are rounded up to a multiple (fewer shapes)
+    packed = "false"  # set from model.packed by build_model where `enable_packing` accepted the backbone
+
+    def _packs(self, head: str, batch: dict) -> bool:
+        if self.packed == "false" or head != "mlm" or self.spec.pooling != "max" or torch.is_grad_enabled():
+            return False
+        return self.packed == "true" or (batch["input_ids"].is_cuda and varlen_attn is not None)
 
     def encode_batch(self, batch: dict, is_query: bool) -> torch.Tensor:
         """One tokenized batch -> reps [B, V]. With `length_buckets` > 1 the batch runs as that many length-sorted
@@ -487,8 +592,10 @@ class SparseModel(nn.Module):
     def _encode_one(self, batch: dict, is_query: bool) -> torch.Tensor:
         if is_query:
             backbone = self.query_backbone if self.query_backbone is not None else self.doc_backbone
-            return sparse_forward(backbone, self.spec, self.spec.query_head, self.query_mlp, batch)
-        return sparse_forward(self.doc_backbone, self.spec, self.spec.doc_head, self.doc_mlp, batch)
+            return sparse_forward(backbone, self.spec, self.spec.query_head, self.query_mlp, batch,
+                                  packed=self._packs(self.spec.query_head, batch))
+        return sparse_forward(self.doc_backbone, self.spec, self.spec.doc_head, self.doc_mlp, batch,
+                              packed=self._packs(self.spec.doc_head, batch))
 
     def forward(self, q_batch: dict, d_batch: dict):
         return self.encode_batch(q_batch, True), self.encode_batch(d_batch, False)
@@ -499,7 +606,8 @@ class SparseModel(nn.Module):
         logit_shift included): term v is active in document b exactly when the value is > 0."""
         if self.spec.doc_head != "mlm":
             raise ValueError("pooled logits need an MLM document head")
-        return sparse_forward(self.doc_backbone, self.spec, "mlm", None, batch, raw=True)
+        return sparse_forward(self.doc_backbone, self.spec, "mlm", None, batch, raw=True,
+                              packed=self._packs("mlm", batch))
 
     def encode(self, texts: list[str], is_query: bool) -> torch.Tensor:
         """texts -> reps [B, V] on the model's device."""
@@ -703,12 +811,15 @@ def build_model(mcfg, training: bool = False) -> SparseModel:
     if training:
         q_backbone, d_backbone = _prepare_for_training(mcfg, q_backbone, d_backbone)
     mlps = _load_mlp_heads(Path(name)) if saved.is_file() else {}
+    packs = not training and all(
+        [enable_packing(backbone, spec.kind, mcfg.packed) for backbone in dict.fromkeys([q_backbone, d_backbone])])
     if mcfg.compile != "none":
         for backbone in dict.fromkeys([q_backbone, d_backbone]):
             compile_blocks(backbone, mcfg.compile, mcfg.compile_scope)
     model = SparseModel(spec, tokenizer, d_backbone, q_backbone, mlps)
     model.length_buckets = mcfg.length_buckets
     model.pad_multiple = mcfg.pad_to_multiple or (16 if mcfg.compile != "none" else 0)
+    model.packed = mcfg.packed if packs else "false"
     return model
 
 

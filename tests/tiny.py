@@ -78,12 +78,13 @@ def make_tokenizer(folder: str | Path, kind: str, words: list[str]):
 
 
 def make_model(folder: str | Path, arch: str, words: list[str], seed: int = 0, hidden: int = 32) -> Path:
-    """Save a tiny random model of `arch` (bert | llama | opt | t5) with a matching tokenizer into `folder`.
+    """Save a tiny random model of `arch` (bert | llama | opt | t5, and the other MLM encoders: distilbert | electra |
+    roberta | xlm-roberta) with a matching tokenizer into `folder`.
     `hidden` (llama only): bitsandbytes' CPU 4-bit kernels need widths of at least its block size (64)."""
     import torch
     import transformers
 
-    kind = {"bert": "encoder", "llama": "decoder", "opt": "decoder", "t5": "encoder_decoder"}[arch]
+    kind = {"llama": "decoder", "opt": "decoder", "t5": "encoder_decoder"}.get(arch, "encoder")
     folder = Path(folder)
     tok = make_tokenizer(folder, kind, words)
     vocab = len(tok)
@@ -92,6 +93,20 @@ def make_model(folder: str | Path, arch: str, words: list[str], seed: int = 0, h
         cfg = transformers.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                       intermediate_size=64, max_position_embeddings=128, pad_token_id=tok.pad_token_id)
         model = transformers.BertForMaskedLM(cfg)
+    elif arch == "distilbert":
+        cfg = transformers.DistilBertConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                                            max_position_embeddings=128, pad_token_id=tok.pad_token_id)
+        model = transformers.DistilBertForMaskedLM(cfg)
+    elif arch == "electra":
+        cfg = transformers.ElectraConfig(vocab_size=vocab, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+                                         pad_token_id=tok.pad_token_id)
+        model = transformers.ElectraForMaskedLM(cfg)
+    elif arch in ("roberta", "xlm-roberta"):  # positions start after the padding index
+        cls = transformers.RobertaConfig if arch == "roberta" else transformers.XLMRobertaConfig
+        cfg = cls(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                  max_position_embeddings=128 + tok.pad_token_id + 1, pad_token_id=tok.pad_token_id)
+        model = transformers.AutoModelForMaskedLM.from_config(cfg)
     elif arch == "llama":
         cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
                                        num_key_value_heads=1, intermediate_size=2 * hidden, max_position_embeddings=256,
