@@ -12,7 +12,8 @@ shape: hidden 2048, 16 layers, 32 heads / 8 KV heads, intermediate 8192, vocab 1
         sparse MLM head: the fused Triton kernel unless --heads says otherwise), each batch's reps turned into a
         sparse COO tensor on the GPU: first as encode.py runs by
         default (tokenising in the main process, encode.num_workers 0), then with --workers tokenizer workers
-        (encode.num_workers), once per --compile mode (model.compile; batches padded to a multiple of 16)
+        (encode.num_workers), once per --compile mode (model.compile; batches padded to a multiple of 16) and per
+        --packed value (model.packed: auto packs an encoder's texts end to end on CUDA, false pads)
   ST:   SparseEncoder([MLMTransformer(folder), SpladePooling("max")]) in bf16, `.encode(texts, batch_size)`
         (it also sorts by length; default output: sparse COO tensors)
 Both get the same texts, batch size and weights, after a warm-up on the first batches. A random model activates
@@ -118,10 +119,14 @@ def shift_bias(backbone, shift: float) -> None:
     projection.bias.data.sub_(shift)
 
 
-def bench_ours(folder, texts, warm, args, device, workers: int, compile_mode: str, head: str):
+def bench_ours(folder, texts, warm, args, device, workers: int, compile_mode: str, head: str, packed: str):
     mode, _, scope = compile_mode.partition(":")  # e.g. default:layer
+    # each variant's model compiles the same block code: without a reset its graphs count towards the previous
+    # models' recompile limit (8), and past it torch runs the blocks eagerly without a word on stdout
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     model = build_model(ModelConfig(name_or_path=str(folder), dtype="bfloat16", compile=mode,
-                                    compile_scope=scope or "stack", head_kernel=head)).to(device)
+                                    compile_scope=scope or "stack", head_kernel=head, packed=packed)).to(device)
     model.eval()
     if args.target_nnz and args.shift is None:
         args.shift = output_bias_shift(model, warm, args)
@@ -193,6 +198,8 @@ def main(argv=None) -> list[dict]:
                         "none, default, reduce-overhead, each optionally :layer (model.compile_scope)")
     parser.add_argument("--heads", default="auto", help="comma list of model.head_kernel values to time: auto "
                         "(the fused Triton kernel on a GPU), torch (chunked float32 logits), triton")
+    parser.add_argument("--packed", default="auto", help="comma list of model.packed values to time: auto (an "
+                        "encoder's texts end to end on CUDA, varlen flash attention), false (padded batches)")
     parser.add_argument("--model-only", action="store_true", help="also time the model alone on batches tokenised "
                         "before the clock starts (the host pipeline's ceiling)")
     parser.add_argument("--target-nnz", type=int, default=150, help="shift the output bias to ~this many terms per "
@@ -213,22 +220,26 @@ def main(argv=None) -> list[dict]:
     warm = make_texts(8 * args.batch, words, args.min_words, args.max_words, seed=1)
     args.shift = None
     rows = []
-    heads, modes = args.heads.split(","), args.compile.split(",")
-    variants = [(0, "none", heads[0])] + [(args.workers, mode, head) for mode in modes for head in heads]
-    variants += [(-1, mode, head) for mode in modes for head in heads] if args.model_only else []
-    for workers, compile_mode, head in variants:
-        seconds, lengths, n_params, nnz = bench_ours(folder, texts, warm, args, device, workers, compile_mode, head)
+    heads, modes, packs = args.heads.split(","), args.compile.split(","), args.packed.split(",")
+    grid = [(mode, head, packed) for mode in modes for head in heads for packed in packs]
+    variants = [(0, "none", heads[0], packs[0])] + [(args.workers, *v) for v in grid]
+    variants += [(-1, *v) for v in grid] if args.model_only else []
+    for workers, compile_mode, head, packed in variants:
+        seconds, lengths, n_params, nnz = bench_ours(folder, texts, warm, args, device, workers, compile_mode, head,
+                                                     packed)
         flop = encode_flops(cfg, n_params, lengths)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
         base = {"model": args.model, "docs": args.docs, "batch": args.batch, "mean_tokens": sum(lengths) / len(lengths),
                 "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "bias_shift": args.shift,
-                "peak_tflops": args.peak_tflops, "head_kernel": head}
+                "peak_tflops": args.peak_tflops, "head_kernel": head, "packed": packed}
         name = f"ours ({workers} tokenizer workers" if workers >= 0 else "ours (model only: pre-tokenised batches"
         name += f", torch.compile {compile_mode}" if compile_mode != "none" else ""
-        name += f", head {head})" if head != "auto" else ")"
+        name += f", head {head}" if head != "auto" else ""
+        name += ", padded)" if packed == "false" else ")"
         rows.append(dict(base, system=name, seconds=seconds, docs_per_s=args.docs / seconds,
                          tokens_per_s=sum(lengths) / seconds, mfu=flop / seconds / (args.peak_tflops * 1e12),
-                         peak_mem_gib=peak, nnz_mean=nnz))
+                         peak_mem_gib=peak, nnz_mean=nnz,
+                         compiled_graphs=torch._dynamo.utils.counters["stats"]["unique_graphs"]))
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if not args.skip_st:
@@ -252,8 +263,9 @@ def main(argv=None) -> list[dict]:
         if "error" in r:
             print(f"| {r['model']} | {r['system']} | - | - | - | {r['error']} |")
         else:
+            graphs = f", {r['compiled_graphs']} graphs compiled" if r.get("compiled_graphs") else ""
             print(f"| {r['model']} | {r['system']} | {r['docs_per_s']:.0f} | {r['tokens_per_s']:.0f} | {r['mfu']:.1%} "
-                  f"| nnz {r['nnz_mean']:.0f} |")
+                  f"| nnz {r['nnz_mean']:.0f}{graphs} |")
     for r in rows:
         if "speedup_vs_st" in r:
             print(f"speed-up {r['system']} / sentence-transformers: {r['speedup_vs_st']:.2f}x")

@@ -18,10 +18,12 @@ def test_train_bench_tiny():
 def test_encode_bench_tiny():
     from bench import encode_gpu
 
-    rows = encode_gpu.main(["--tiny", "--workers", "0", "--model-only", "--heads", "auto,torch"])
+    rows = encode_gpu.main(["--tiny", "--workers", "0", "--model-only", "--heads", "auto,torch",
+                            "--packed", "true,false"])
     systems = [r["system"] for r in rows]
     assert systems[-1] == "sentence-transformers SparseEncoder.encode" and "error" not in rows[-1]
     assert any("model only" in s for s in systems)
+    assert sum("padded" in s for s in systems) == 4 and sum(r.get("packed") == "true" for r in rows) == 5
     # the same bias shift for every system: the term counts agree
     nnz = [r["nnz_mean"] for r in rows]
     assert max(nnz) - min(nnz) < 0.1 * max(nnz), nnz
