@@ -99,15 +99,23 @@ def make_optimizer(cfg, model, accelerator):
         optimizer = bnb.optim.AdamW8bit(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     else:
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    if "scheduler" in ds_config:
+
+    def schedule(opt, scale: int = 1):
+        name = cfg.train.scheduler if cfg.train.scheduler != "constant" else "constant_with_warmup"
+        return get_scheduler(name, opt, num_warmup_steps=cfg.train.warmup_steps * scale,
+                             num_training_steps=cfg.train.max_steps * scale)
+
+    if "scheduler" in ds_config or "optimizer" in ds_config:
         from accelerate.utils import DummyScheduler
 
-        scheduler = DummyScheduler(optimizer, total_num_steps=cfg.train.max_steps, warmup_num_steps=cfg.train.warmup_steps)
+        # the DeepSpeed engine steps the schedule, once per optimizer step; with the json's optimizer but no
+        # scheduler of its own, the engine builds ours on its optimizer
+        scheduler = DummyScheduler(optimizer, total_num_steps=cfg.train.max_steps,
+                                   warmup_num_steps=cfg.train.warmup_steps,
+                                   lr_scheduler_callable=None if "scheduler" in ds_config else schedule)
     else:
         # accelerate steps a prepared scheduler once per process per optimizer step: scale to match
-        scheduler = get_scheduler(cfg.train.scheduler if cfg.train.scheduler != "constant" else "constant_with_warmup",
-                                  optimizer, num_warmup_steps=cfg.train.warmup_steps * accelerator.num_processes,
-                                  num_training_steps=cfg.train.max_steps * accelerator.num_processes)
+        scheduler = schedule(optimizer, accelerator.num_processes)
     return optimizer, scheduler
 
 

@@ -55,16 +55,20 @@ def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return proc
 
 
-def deepspeed_json(folder: Path, stage: int) -> Path:
-    """A CPU DeepSpeed config: fp32, torch's AdamW (no optimizer section, so no op to compile); under ZeRO-3 every
-    parameter is partitioned and the final save gathers them."""
+def deepspeed_json(folder: Path, stage: int, optimizer: bool = False) -> Path:
+    """A CPU DeepSpeed config: fp32, torch's AdamW (no op to compile) made by train.py, or with `optimizer` by
+    DeepSpeed from the json's own section (as yamls/ds/*.json have it; train.py then hands DeepSpeed its schedule);
+    under ZeRO-3 every parameter is partitioned and the final save gathers them."""
     zero = {"stage": stage}
     if stage == 3:
         zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=True)
     path = folder / f"zero{stage}_cpu.json"
-    path.write_text(json.dumps({
-        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
-        "zero_optimization": zero, "zero_allow_untested_optimizer": True, "bf16": {"enabled": False}}))
+    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+              "gradient_clipping": "auto", "zero_optimization": zero, "zero_allow_untested_optimizer": True,
+              "bf16": {"enabled": False}}
+    if optimizer:
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True}}
+    path.write_text(json.dumps(config))
     return path
 
 
@@ -109,7 +113,9 @@ def test_ddp_two_cpu_processes(tiny, tmp_path):
 
 
 def test_deepspeed_zero2_single_cpu_process_with_resume(tiny, tmp_path):
-    ds_json = deepspeed_json(tmp_path, stage=2)
+    """With the optimizer in the DeepSpeed json (train.py used to put a torch schedule on accelerate's placeholder
+    optimizer, and crashed)."""
+    ds_json = deepspeed_json(tmp_path, stage=2, optimizer=True)
     out = tmp_path / "ds"
     ds_args = train_args(tiny, out, f"--train.deepspeed={ds_json}", "--train.save_every=5")
     run([sys.executable, *ds_args, "--train.stop_after=5"], tmp_path)  # killed after step 5 ...
