@@ -30,13 +30,15 @@ VARIANTS = {"zero3": ["--train.deepspeed=yamls/ds/zero3.json"],
             "qlora": ["--model.quantization=4bit", "--model.lora=true", "--model.gradient_checkpointing=true"]}
 
 
-def make_llama(folder: Path, words: list[str], layers: int) -> Path:
-    """Llama-3.2-1B's body (hidden 2048, 32/8 heads, intermediate 8192) over the collection's word vocabulary."""
+def make_llama(folder: Path, words: list[str], layers: int, hidden: int) -> Path:
+    """Llama-3.2-1B's body (hidden 2048, 32/8 heads, intermediate 8192) over the collection's word vocabulary;
+    `hidden` narrows it (heads of 64, intermediate 4 x hidden) for trying the script out on a CPU."""
     import transformers
 
     tok = make_tokenizer(folder, "decoder", words)
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=2048, num_hidden_layers=layers,
-                                   num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192,
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
+                                   num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256),
+                                   intermediate_size=4 * hidden,
                                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                    pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
     torch.manual_seed(0)
@@ -50,16 +52,18 @@ def tensor(folder: Path, name: str) -> torch.Tensor:
         return f.get_tensor(name).float()
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--variants", default="zero3,qlora")
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="train_gpu_"))
     collection = make_collection(root / "data")
-    base = make_llama(root / "llama", collection["words"], args.layers)
+    base = make_llama(root / "llama", collection["words"], args.layers, args.hidden)
     probe = "model.layers.0.mlp.down_proj.weight"
+    results = []
     for name in args.variants.split(","):
         out = root / name
         cmd = [sys.executable, "train.py", "--cfg", "yamls/tiny/llama_multi.yaml", f"--model.name_or_path={base}",
@@ -72,6 +76,7 @@ def main(argv=None) -> None:
         seconds = time.perf_counter() - began
         if proc.returncode:
             print(f"{name}: train.py failed ({proc.returncode})\n{proc.stderr[-3000:]}")
+            results.append({"variant": name, "error": proc.stderr[-3000:]})
             continue
         final = out / "final"
         losses = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
@@ -86,6 +91,10 @@ def main(argv=None) -> None:
               f"{tuple(before.shape)}), mean |change| {(after - before).abs().mean():.2e}; quantization_config "
               f"in saved config: {'quantization_config' in config}; dtype {config.get('dtype')}")
         print(f"  reloaded and encoded: nnz per text {(reps > 0).sum(1).tolist()}, all >= 0: {bool((reps >= 0).all())}")
+        results.append({"variant": name, "seconds": seconds, "losses": losses, "shape": tuple(after.shape),
+                        "base_shape": tuple(before.shape), "change": float((after - before).abs().mean()),
+                        "quantized": "quantization_config" in config, "reps": reps.float().cpu()})
+    return results
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The GPU benchmarks' CPU smoke runs (`--tiny`): every system of bench/train.py, bench/encode_gpu.py and
-bench/encode_head.py runs on tiny models and reports its row, so a change in lsr_core that breaks a benchmark is caught here, not on a lent GPU."""
+bench/encode_head.py (and bench/train_gpu_check.py's QLoRA variant) runs on tiny models and reports its row, so a
+change in lsr_core that breaks a benchmark is caught here, not on a lent GPU."""
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -35,3 +36,14 @@ def test_encode_head_bench_tiny():
     rows = encode_head.main(["--tiny"])  # no GPU: the torch path and the naive head (the kernel needs CUDA)
     assert [r["system"] for r in rows] == ["torch", "naive"]
     assert rows[1]["max_abs_diff_vs_torch"] < 1e-2 and all(r["ms"] > 0 for r in rows)
+
+
+def test_train_gpu_check_tiny():
+    """The script's QLoRA variant on the CPU at a narrow width (the ZeRO-3 one needs a GPU: its json's fused AdamW)."""
+    pytest.importorskip("bitsandbytes")
+    from bench import train_gpu_check
+
+    [row] = train_gpu_check.main(["--layers", "1", "--hidden", "128", "--steps", "2", "--variants", "qlora"])
+    assert "error" not in row, row.get("error")
+    assert row["shape"] == row["base_shape"] == (128, 512) and row["change"] > 0 and not row["quantized"]
+    assert (row["reps"] >= 0).all() and (row["reps"] > 0).any()
