@@ -39,6 +39,7 @@ from lsr_core import head_kernel
 logger = logging.getLogger(__name__)
 
 LSR_CONFIG = "lsr_config.json"
+RUNTIME_FIELDS = ("head_chunk", "head_kernel")  # LSRSpec fields that say how to compute, set by each run's config
 MLP_HEAD = "mlp_head.safetensors"
 DECODINGS = ("multi_token", "single_token", "encoder_only", "decoder_only")
 
@@ -63,7 +64,7 @@ class LSRSpec:
     doc_prefix: str = ""
     max_query_len: int = 32
     max_doc_len: int = 256
-    head_chunk: int = 0
+    head_chunk: int = 0  # RUNTIME_FIELDS: a saved folder's value is not used
     head_kernel: str = "auto"
     logit_shift: float = 0.0  # added to every vocabulary logit before ReLU (set by train.calibrate_nnz)
 
@@ -779,10 +780,12 @@ def build_model(mcfg, training: bool = False) -> SparseModel:
     saved = Path(name) / LSR_CONFIG
     if saved.is_file():
         data = json.loads(saved.read_text())
+        data = {k: v for k, v in data.items() if k not in RUNTIME_FIELDS}
         unknown = set(data) - {f.name for f in fields(LSRSpec)}
         if unknown:
             raise ModelLoadError(f"{saved}: unknown keys {sorted(unknown)}")
-        spec = LSRSpec(**data)
+        # what the model computes comes from the folder; how this run computes it, from the model section
+        spec = LSRSpec(**data, **{key: getattr(mcfg, key) for key in RUNTIME_FIELDS})
     else:
         spec = None
     # a folder saved by SparseModel.save holds plain HF weights, even when training started from a GGUF file

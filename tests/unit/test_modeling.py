@@ -1,6 +1,7 @@
 """Sparse encoders: values, not just shapes. Padding invariance, the MLM head against a direct computation (the real
 SPLADE-tiny and tiny T5), the memory-lean head against the naive one (forward and gradients), the MLP head's
 support, decoder options (bidirectional, echo), save/load round trips, and loading errors."""
+import dataclasses
 import importlib.util
 import time
 from pathlib import Path
@@ -310,8 +311,11 @@ def test_save_load_round_trip(tiny, tmp_path, arch, options):
         assert not torch.allclose(before["q"], load(tiny[arch], **options).encode(TEXTS, is_query=True))
 
     model.save(tmp_path / "saved")
-    reloaded = load(tmp_path / "saved")  # lsr_config.json decides everything, not the (default) model section
+    reloaded = load(tmp_path / "saved")  # lsr_config.json decides everything, not the (default) model section ...
     assert reloaded.spec == model.spec
+    # ... except how to compute it: the encoding run's head path and chunk
+    assert load(tmp_path / "saved", head_kernel="torch", head_chunk=7).spec == \
+        dataclasses.replace(model.spec, head_kernel="torch", head_chunk=7)
     for role in ("q", "d"):
         assert torch.equal(reloaded.encode(TEXTS, is_query=role == "q"), before[role]), role
 
