@@ -382,7 +382,7 @@ def load_backbone(name: str, kind: str = "auto", *, gguf_file: str = "", dtype: 
 # -------------------------------------------------------------------------------------------------- packed encoding
 # Encoders at inference can run a batch as one row of its texts end to end, without padding: attention is then
 # variable-length flash attention (torch.nn.attention.varlen) instead of SDPA with a padding mask, and the fused head
-# reads each text's span of the row. On an H200, BERT-base on MS MARCO-like lengths: bench/RESULTS.md run P.
+# reads each text's span of the row. On an H200, BERT-base on MS MARCO-like lengths: bench/RESULTS.md runs P-T.
 PACKED_ATTENTION = "lsr_packed"  # registered with transformers' AttentionInterface; SDPA when not packed
 # the model types whose packed output is tested equal to the padded one, with their first position id
 PACKED_POSITION_OFFSET = {"bert": lambda cfg: 0, "distilbert": lambda cfg: 0, "electra": lambda cfg: 0,
@@ -399,9 +399,9 @@ def _packed_attention(module, query, key, value, attention_mask, scaling=None, d
                       max_length_q=None, **kwargs):
     """transformers attention function: with `cu_seq_lens_q` (texts packed into one row) each text attends to itself
     only; otherwise exactly transformers' SDPA attention, so the same backbone also runs padded batches."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if cu_seq_lens_q is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [1, heads, T, d] -> [T, heads, d]
