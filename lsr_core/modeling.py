@@ -617,19 +617,43 @@ class SparseModel(nn.Module):
         return self.encode_batch(batch, is_query)
 
     def tokenize(self, texts: list[str], is_query: bool) -> dict:
-        """Tokenize and pad by hand so that echo, prefixes, BOS dropping and padding side are explicit.
+        """Tokenize and pad so that echo, prefixes, BOS dropping and padding side are explicit.
 
-        Returns input_ids, attention_mask, pool_mask: [B, L] long tensors.
+        Returns input_ids, attention_mask, pool_mask: [B, L] long tensors. The tokenizer pads and the masks are
+        computed on whole tensors; echo, which doubles each text, builds its rows one by one (`_tokenize_rows`, the
+        reference the tests compare the tensor path against).
         """
         spec, tok = self.spec, self.tokenizer
         prefix = spec.query_prefix if is_query else spec.doc_prefix
+        texts = [prefix + t for t in texts]
+        if not texts or (spec.kind == "decoder" and spec.echo):
+            return self._tokenize_rows(texts, is_query)
+        head = spec.query_head if is_query else spec.doc_head
+        # numpy, then torch without a copy: 1.3-1.6x faster than the tokenizer's own torch conversion of nested lists
+        encoded = tok(texts, truncation=True, max_length=spec.max_query_len if is_query else spec.max_doc_len,
+                      return_special_tokens_mask=head == "mlp", padding=True, padding_side=self._padding_side(),
+                      pad_to_multiple_of=self.pad_multiple if self.pad_multiple > 1 else None, return_tensors="np")
+        ids, attention = (torch.from_numpy(encoded[key]).long() for key in ("input_ids", "attention_mask"))
+        # the MLP head weights input tokens, so special tokens ([CLS], </s>, BOS) get none
+        special = torch.from_numpy(encoded["special_tokens_mask"]).long() if head == "mlp" else 0
+        pool = attention * (1 - special)
+        if spec.kind == "decoder" and spec.drop_bos:
+            rows, first = torch.arange(len(texts)), attention.argmax(1)
+            pool[rows, first] *= ((ids[rows, first] != tok.bos_token_id) | (attention[rows, first] == 0)).long()
+        return {"input_ids": ids, "attention_mask": attention, "pool_mask": pool}
+
+    def _padding_side(self) -> str:
+        # decoders may pad on either side (positions are explicit); shift-right decoding needs right padding
+        return "left" if self.tokenizer.padding_side == "left" and self.spec.kind == "decoder" else "right"
+
+    def _tokenize_rows(self, texts: list[str], is_query: bool) -> dict:
+        """`tokenize` one row at a time (prefixes already added)."""
+        spec, tok = self.spec, self.tokenizer
         max_len = spec.max_query_len if is_query else spec.max_doc_len
-        encoded = tok([prefix + t for t in texts], truncation=True, max_length=max_len,
-                      return_special_tokens_mask=True)
+        encoded = tok(texts, truncation=True, max_length=max_len, return_special_tokens_mask=True)
         head = spec.query_head if is_query else spec.doc_head
         rows, pools = [], []
         for ids, special in zip(encoded["input_ids"], encoded["special_tokens_mask"]):
-            # the MLP head weights input tokens, so special tokens ([CLS], </s>, BOS) get none
             pool = [0 if (head == "mlp" and s) else 1 for s in special]
             if spec.kind == "decoder" and spec.drop_bos and ids and ids[0] == tok.bos_token_id:
                 pool[0] = 0
@@ -641,8 +665,7 @@ class SparseModel(nn.Module):
             rows.append(ids)
             pools.append(pool)
         length = _round_up(max(len(r) for r in rows), self.pad_multiple)
-        # decoders may pad on either side (positions are explicit); shift-right decoding needs right padding
-        left = tok.padding_side == "left" and spec.kind == "decoder"
+        left = self._padding_side() == "left"
         input_ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
         attention = torch.zeros((len(rows), length), dtype=torch.long)
         pool_mask = torch.zeros((len(rows), length), dtype=torch.long)

@@ -1,6 +1,6 @@
-"""The GPU benchmarks' CPU smoke runs (`--tiny`): every system of bench/train.py, bench/encode_gpu.py and
-bench/encode_head.py (and bench/train_gpu_check.py's QLoRA variant) runs on tiny models and reports its row, so a
-change in lsr_core that breaks a benchmark is caught here, not on a lent GPU."""
+"""The benchmarks' CPU smoke runs (`--tiny`): every system of bench/train.py, bench/encode_gpu.py,
+bench/encode_head.py and bench/tokenize_cpu.py (and bench/train_gpu_check.py's QLoRA variant) runs on tiny models and
+reports its row, so a change in lsr_core that breaks a benchmark is caught here, not on a lent GPU."""
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -47,3 +47,12 @@ def test_train_gpu_check_tiny():
     assert "error" not in row, row.get("error")
     assert row["shape"] == row["base_shape"] == (128, 512) and row["change"] > 0 and not row["quantized"]
     assert (row["reps"] >= 0).all() and (row["reps"] > 0).any()
+
+
+def test_tokenize_bench_tiny():
+    from bench import tokenize_cpu
+
+    rows = tokenize_cpu.main(["--tiny"])
+    assert [(r["kind"], r["system"]) for r in rows][:3] == [
+        ("encoder", "tokenize (tensor masks)"), ("encoder", "row by row (before)"), ("encoder", "tokenizer call alone")]
+    assert len(rows) == 6 and all(r["docs_per_s"] > 0 for r in rows)

@@ -52,6 +52,27 @@ def test_vectors_do_not_depend_on_padding(tiny, arch, options):
     assert (alone > 0).sum() > 0
 
 
+@pytest.mark.parametrize("arch,options", [
+    ("bert", {}), ("bert", {"doc_head": "mlp", "query_head": "mlp"}), ("bert", {"pad_to_multiple": 16}),
+    ("bert", {"doc_prefix": "passage : ", "query_prefix": "query : ", "max_doc_len": 6, "max_query_len": 4}),
+    ("llama", {"drop_bos": True}), ("llama", {"drop_bos": True, "doc_head": "mlp", "pad_to_multiple": 8}),
+    ("llama", {"max_doc_len": 5}), ("opt", {"drop_bos": True}), ("t5", {}), ("t5", {"doc_head": "mlp"})])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_tensor_tokenization_equals_the_row_by_row_one(tiny, arch, options, side):
+    """`tokenize` pads with the tokenizer and masks whole tensors; `_tokenize_rows` builds each row by hand."""
+    model = load(tiny[arch], **options)
+    model.tokenizer.padding_side = side
+    texts = [*TEXTS, "", "planet"]  # an empty text still gets its special tokens
+    for is_query in (False, True):
+        fast = model.tokenize(texts, is_query)
+        prefix = model.spec.query_prefix if is_query else model.spec.doc_prefix
+        rows = model._tokenize_rows([prefix + t for t in texts], is_query)
+        assert fast.keys() == rows.keys()
+        for key in rows:
+            assert fast[key].dtype == torch.long and torch.equal(fast[key], rows[key]), (key, is_query)
+    assert (fast["pool_mask"] <= fast["attention_mask"]).all()
+
+
 def test_length_buckets_round_widths_to_the_padding_multiple(tiny):
     model = load(tiny["bert"], length_buckets=2, pad_to_multiple=16)
     texts = ["star"] * 3 + [" ".join(["planet"] * 40)] * 3
