@@ -142,6 +142,18 @@ def stable_bucket(key: str, salt: str = "split") -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+def native_bf16() -> bool:
+    """Whether bf16 matmuls run natively where our scripts run (CUDA when present, else the CPU): a GPU with bf16, or
+    a CPU with AVX512-BF16 or AMX. Elsewhere oneDNN emulates them: a [2048, 256] x [256, 30522] matmul took 26.4 s
+    in bf16 against 1.16 s in float32 on a 2-core AVX2 EPYC (2026-12-01)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so looked up defensively
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
 def accelerator_kwargs(deepspeed: bool = False) -> dict:
     """Accelerator arguments for where we run: several CPU processes (no CUDA) need the gloo backend, and DDP also
     `cpu=True`; GPUs and single processes need nothing. With DeepSpeed (`deepspeed`: train.py's

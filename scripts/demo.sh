@@ -25,7 +25,7 @@ step "BM25 (test run, and hard negatives for the train split)"
 # encode -> index -> search for one model; $1 = run name, $2 = experiment folder, $3... = extra config overrides
 retrieve() {
   local name=$1 dir=$2; shift 2
-  local common=(--cfg yamls/demo.yaml --exp.output_dir=$dir --model.dtype=bfloat16 "$@")
+  local common=(--cfg yamls/demo.yaml --exp.output_dir=$dir --model.dtype=auto "$@")
   [ -f $dir/encode/corpus/meta.json ] || \
     $PY encode.py "${common[@]}" --encode.input=$WIKI/corpus.jsonl --encode.kind=doc
   [ -f $dir/encode/queries/meta.json ] || \

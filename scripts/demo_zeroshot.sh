@@ -31,7 +31,7 @@ retrieve() {
   [ -f $OUT/search/$name.trec ] || \
     $PY search.py "${common[@]}" --search.name=$name --search.output=$OUT/search/$name.trec
 }
-retrieve splade_tiny encode.py --cfg yamls/demo.yaml --model.dtype=bfloat16
+retrieve splade_tiny encode.py --cfg yamls/demo.yaml --model.dtype=auto
 retrieve smollm2_zeroshot zeroshot_prompt.py --cfg yamls/zeroshot/smollm2_135m.yaml
 
 $PY evaluate.py --qrels $QRELS --out $OUT/eval \

@@ -84,11 +84,11 @@ rq_setup() {
         --hard-negatives "$DATA/train.bm25.jsonl" --n-neg 8
       # the demo's recipe (yamls/demo.yaml): no teacher on this collection, so InfoNCE with in-batch + BM25
       # negatives replaces MarginMSE, with FLOPs weights sized for 100 CPU steps
-      EXTRA=(--model.max_query_len=32 --model.max_doc_len=128 --model.length_buckets=4 --model.dtype=bfloat16
+      EXTRA=(--model.max_query_len=32 --model.max_doc_len=128 --model.length_buckets=4 --model.dtype=auto
              --model.gradient_checkpointing=false --model.decoding=multi_token
              --train.loss=infonce --train.in_batch_negatives=true --train.q_reg_weight=0.001 --train.d_reg_weight=0.001
              --train.reg_warmup_steps=50 --train.lr=1e-4 --train.warmup_steps=20 --train.batch_size=32
-             --train.grad_accum=1 --train.mixed_precision=bf16 --train.save_every=25 --train.log_every=10
+             --train.grad_accum=1 --train.mixed_precision=auto --train.save_every=25 --train.log_every=10
              --train.num_workers=0 --encode.batch_size=64 --encode.max_length=192 --search.threads=2
              --search.latency_sample=0) ;;
     msmarco)

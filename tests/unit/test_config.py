@@ -34,6 +34,31 @@ def test_tiny_yamls_inherit_base_and_set_their_model():
     assert load_config(["--cfg", str(YAMLS / "tiny" / "opt_lora.yaml")]).model.lora is True
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "emulated-bf16"])
+def test_auto_precision_follows_the_hardware(monkeypatch, caplog, native):
+    """`auto` is bf16 only where bf16 is native; an explicit bf16 where it is emulated is kept, with a warning."""
+    monkeypatch.setattr("lsr_core.utils.native_bf16", lambda: native)
+    cfg = load_config(["--model.dtype=auto", "--train.mixed_precision=auto"])
+    assert (cfg.model.dtype, cfg.train.mixed_precision) == (("bfloat16", "bf16") if native else ("float32", "no"))
+    assert "emulated" not in caplog.text
+    cfg = load_config(["--model.dtype=bfloat16", "--train.mixed_precision=fp16"])
+    assert (cfg.model.dtype, cfg.train.mixed_precision) == ("bfloat16", "fp16")
+    assert ("emulated" in caplog.text) is not native
+    caplog.clear()
+    load_config(["--train.mixed_precision=fp16"])  # nothing asks for bf16: no probe, no warning
+    assert caplog.text == ""
+
+
+def test_native_bf16_reads_the_cpu_probes(monkeypatch):
+    from lsr_core.utils import native_bf16
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    for avx512_bf16, amx, expected in ((False, False, False), (True, False, True), (False, True, True)):
+        monkeypatch.setattr("torch.cpu._is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr("torch.cpu._is_amx_tile_supported", lambda v=amx: v)
+        assert native_bf16() is expected
+
+
 @pytest.mark.parametrize("path", sorted((YAMLS / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
 def test_accelerate_configs_parse(path):
     from accelerate.commands.config.config_args import ClusterConfig
