@@ -629,7 +629,7 @@ class SparseModel(nn.Module):
         if not texts or (spec.kind == "decoder" and spec.echo):
             return self._tokenize_rows(texts, is_query)
         head = spec.query_head if is_query else spec.doc_head
-        # numpy, then torch without a copy: 1.3-1.6x faster than the tokenizer's own torch conversion of nested lists
+        # numpy, then torch without a copy: ~1.4x the tokenizer's own torch conversion (bench/RESULTS.md, tokenisation)
         encoded = tok(texts, truncation=True, max_length=spec.max_query_len if is_query else spec.max_doc_len,
                       return_special_tokens_mask=head == "mlp", padding=True, padding_side=self._padding_side(),
                       pad_to_multiple_of=self.pad_multiple if self.pad_multiple > 1 else None, return_tensors="np")
