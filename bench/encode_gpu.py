@@ -13,7 +13,8 @@ shape: hidden 2048, 16 layers, 32 heads / 8 KV heads, intermediate 8192, vocab 1
         sparse COO tensor on the GPU: first as encode.py runs by
         default (tokenising in the main process, encode.num_workers 0), then with --workers tokenizer workers
         (encode.num_workers), once per --compile mode (model.compile; batches padded to a multiple of 16) and per
-        --packed value (model.packed: auto packs an encoder's texts end to end on CUDA, false pads)
+        --packed value (model.packed: auto packs an encoder's texts end to end on CUDA, false pads); with
+        --host-only also the host side alone (tokenizer workers + copy to the GPU, no model): end to end's ceiling
   ST:   SparseEncoder([MLMTransformer(folder), SpladePooling("max")]) in bf16, `.encode(texts, batch_size)`
         (it also sorts by length; default output: sparse COO tensors)
 Both get the same texts, batch size and weights, after a warm-up on the first batches. A random model activates
@@ -37,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from encode import encode_shard  # noqa: E402
+from encode import encode_shard, tokenized_batches  # noqa: E402
 from bench.peak import peak_tflops  # noqa: E402
 from bench.train import body_params  # noqa: E402
 from lsr_core.config import ModelConfig  # noqa: E402
@@ -164,6 +165,23 @@ def bench_ours(folder, texts, warm, args, device, workers: int, compile_mode: st
     return seconds, lengths, body_params(model.doc_backbone), nnz / len(texts)
 
 
+def bench_host(folder, texts, warm, args, device, workers: int):
+    """encode_shard's host side alone: the tokenizer workers' batches copied to the device, no model."""
+    model = build_model(ModelConfig(name_or_path=str(folder), dtype="bfloat16"))
+
+    def run(part):
+        for _, batch in tokenized_batches(model, part, False, args.batch, workers, device):
+            for v in batch.values():
+                v.to(device, non_blocking=True)
+        sync(device)
+
+    run(warm)
+    began = time.perf_counter()
+    run(texts)
+    seconds = time.perf_counter() - began
+    return seconds, [len(ids) for ids in model.tokenizer(texts)["input_ids"]]
+
+
 def bench_st(folder, texts, warm, args, device):
     from sentence_transformers import SparseEncoder
     try:
@@ -193,7 +211,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--min-words", type=int, default=60)
     parser.add_argument("--max-words", type=int, default=250)
     parser.add_argument("--skip-st", action="store_true")
-    parser.add_argument("--workers", type=int, default=8, help="tokenizer workers (encode.num_workers)")
+    parser.add_argument("--workers", default="8", help="comma list of tokenizer worker counts (encode.num_workers)")
+    parser.add_argument("--host-only", action="store_true", help="also time the host pipeline alone per worker "
+                        "count: tokenise in the workers and copy to the GPU, no model (what end to end can reach)")
     parser.add_argument("--compile", default="none", help="comma list of model.compile modes to time with workers: "
                         "none, default, reduce-overhead, each optionally :layer (model.compile_scope)")
     parser.add_argument("--heads", default="auto", help="comma list of model.head_kernel values to time: auto "
@@ -222,8 +242,14 @@ def main(argv=None) -> list[dict]:
     rows = []
     heads, modes, packs = args.heads.split(","), args.compile.split(","), args.packed.split(",")
     grid = [(mode, head, packed) for mode in modes for head in heads for packed in packs]
-    variants = [(0, "none", heads[0], packs[0])] + [(args.workers, *v) for v in grid]
+    workers = [int(n) for n in args.workers.split(",")]
+    variants = [(0, "none", heads[0], packs[0])] + [(n, *v) for n in workers for v in grid]
     variants += [(-1, *v) for v in grid] if args.model_only else []
+    for n in workers if args.host_only else []:
+        seconds, lengths = bench_host(folder, texts, warm, args, device, n)
+        rows.append({"model": args.model, "docs": args.docs, "batch": args.batch, "system": f"host pipeline alone "
+                     f"({n} tokenizer workers, no model)", "seconds": seconds, "docs_per_s": args.docs / seconds,
+                     "tokens_per_s": sum(lengths) / seconds, "mfu": float("nan"), "nnz_mean": float("nan")})
     for workers, compile_mode, head, packed in variants:
         seconds, lengths, n_params, nnz = bench_ours(folder, texts, warm, args, device, workers, compile_mode, head,
                                                      packed)
@@ -249,7 +275,8 @@ def main(argv=None) -> list[dict]:
                              docs_per_s=args.docs / st_seconds, tokens_per_s=sum(lengths) / st_seconds,
                              mfu=flop / st_seconds / (args.peak_tflops * 1e12), nnz_mean=st_nnz))
             for r in rows[:-1]:
-                r["speedup_vs_st"] = st_seconds / r["seconds"]
+                if r["system"].startswith("ours"):
+                    r["speedup_vs_st"] = st_seconds / r["seconds"]
         except Exception as err:  # e.g. a causal LM, which ST's MLMTransformer (AutoModelForMaskedLM) cannot load
             rows.append(dict(base, system="sentence-transformers SparseEncoder.encode",
                              error=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"))

@@ -8,9 +8,10 @@ Shapes: bert-base = H 768, V 30,522 (with a bias), 256 texts; llama1b = H 2048, 
 positions per batch, each text's length uniform in [0.9, 1] x --length (encode.py sorts texts by length, so a
 batch's texts are close in length). All map feats [B, L, H] and W [V, H] (bf16) to log1p(relu(max over the text's
 positions of feats @ W.T + b)):
-  triton: `_max_pool_inference(kernel="triton")`: lsr_core/head_kernel.py, no logits written
+  triton: `_max_pool_inference(kernel="triton")`: lsr_core/head_kernel.py on the padded batch, no logits written
   torch:  `_max_pool_inference(kernel="torch")`: float32 logits per vocabulary chunk, masked, max-reduced
   naive:  F.linear (bf16 logits [B, L, V]) + `naive_mlm_pool`, what sentence-transformers' SpladePooling computes
+  packed: the kernel on the texts end to end (packed before the clock starts, as packed encoding has them)
 TFLOP/s counts 2·H·V per real (unpadded) position. Time: median of CUDA-event timings after warm-up (the kernel's
 autotuning happens in the warm-up). Max |difference| of triton and naive against torch is reported.
 """
@@ -40,6 +41,14 @@ def heads():
         "torch": lambda f, w, b, m: _max_pool_inference(f, w, b, m, 0, kernel="torch"),
         "naive": lambda f, w, b, m: naive_mlm_pool(F.linear(f, w, b), m),
     }
+
+
+def packed_head(feats, mask):
+    """The kernel on the texts of (feats, mask) put end to end (`model.packed`), packed before the clock starts."""
+    keep = mask.bool()
+    flat = feats[keep][None]
+    return lambda f, w, b, m: _max_pool_inference(flat, w, b, keep.long()[keep][None], 0, kernel="triton",
+                                                  packed=keep)
 
 
 def timed(fn, device, warmup, repeats):
@@ -74,9 +83,7 @@ def main(argv=None):
     shapes = {"tiny": (64, 1000, 8, True)} if args.tiny else {s: SHAPES[s] for s in args.shapes.split(",")}
     if args.tiny:
         args.lengths, args.warmup, args.repeats = "16", 1, 2
-    systems = heads()
-    if device.type != "cuda":
-        del systems["triton"]
+    triton_ok = device.type == "cuda"
     rows = []
     for name, (hidden, vocab, batch, with_bias) in shapes.items():
         for length in (int(n) for n in args.lengths.split(",")):
@@ -87,6 +94,9 @@ def main(argv=None):
             lengths = torch.randint(int(0.9 * length), length + 1, (batch,), generator=gen)
             mask = (torch.arange(length)[None, :] < lengths[:, None]).long().to(device)
             flop = 2 * hidden * vocab * int(lengths.sum())
+            systems = heads() | {"packed": packed_head(feats, mask)}
+            if not triton_ok:
+                systems = {k: v for k, v in systems.items() if k in ("torch", "naive")}
             with torch.inference_mode():
                 ref = systems["torch"](feats, weight, bias, mask)
                 for system, head in systems.items():
@@ -97,7 +107,7 @@ def main(argv=None):
                     base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
                     ms = timed(lambda: head(feats, weight, bias, mask), device, args.warmup, args.repeats)
                     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else 0.0
-                    tile = head_kernel._masked_max_matmul.best_config if system == "triton" else None
+                    tile = head_kernel._segment_max_matmul.best_config if system in ("triton", "packed") else None
                     rows.append({"shape": name, "tile": str(tile) if tile else "", "hidden": hidden, "vocab": vocab,
                                  "batch": batch, "length": length,
                                  "system": system, "ms": ms, "tflops": flop / ms / 1e9, "peak_extra_mib": peak,

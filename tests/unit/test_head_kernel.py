@@ -1,8 +1,8 @@
 """The fused Triton encoding head (lsr_core/head_kernel.py) against a direct computation.
 
 On the CPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1; float32 and float16: the interpreter
-misreads bf16), which executes the same program: tiling, the grouped program order, the per-text [start, stop)
-range, masking and the running max. On a GPU (marked) it runs compiled in bf16 against the torch path.
+misreads bf16), which executes the same program: tiling, the grouped program order, skipped tiles, the max per text
+within a tile and the atomic max across tiles. On a GPU (marked) it runs compiled in bf16 against the torch path.
 """
 import pytest
 import torch
@@ -35,35 +35,12 @@ def _reference(feats, weight, mask):
     return logits.masked_fill(~mask.bool()[:, :, None], float("-inf")).amax(1)
 
 
-@interpreted
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("batch,length,hidden,vocab", [(11, 37, 40, 150), (6, 16, 16, 32), (9, 70, 24, 65)])
-def test_masked_max_matmul_equals_masked_max_of_the_logits(dtype, batch, length, hidden, vocab):
-    gen = torch.Generator().manual_seed(batch)
-    feats = torch.randn(batch, length, hidden, generator=gen).to(dtype)
-    weight = torch.randn(vocab, hidden, generator=gen).to(dtype)
-    mask = _masks(batch, length, gen)
-    got = head_kernel.masked_max_matmul(feats, weight, mask)
-    ref = _reference(feats, weight, mask)
-    assert got.dtype == torch.float32 and got.shape == (batch, vocab)
-    assert torch.equal(torch.isinf(got), torch.isinf(ref))  # exactly the empty text
-    assert torch.isinf(got[1]).all() and torch.isfinite(got[[0, 2, 3, 4, 5]]).all()
-    finite = torch.isfinite(ref)
-    torch.testing.assert_close(got[finite], ref[finite], rtol=1e-4, atol=1e-4)
-
-
-def test_masked_max_matmul_rejects_mismatched_weight():
-    with pytest.raises(ValueError, match="does not match"):
-        head_kernel.masked_max_matmul(torch.zeros(2, 3, 8), torch.zeros(5, 8, dtype=torch.float16),
-                                      torch.ones(2, 3))
-
-
-def test_masked_max_matmul_rejects_inputs_past_32_bit_offsets():
-    feats = torch.empty(2, 2**15, 2**15, dtype=torch.float16, device="meta")  # 2**31 elements, none allocated
+def test_segment_max_matmul_rejects_inputs_past_32_bit_offsets():
+    feats = torch.empty(2**16, 2**15, dtype=torch.float16, device="meta")  # 2**31 elements, none allocated
     weight = torch.empty(8, 2**15, dtype=torch.float16, device="meta")
     assert not head_kernel.usable(feats, weight, torch.float16)
     with pytest.raises(ValueError, match=r"2\*\*31 elements or more: split the batch"):
-        head_kernel.masked_max_matmul(feats, weight, torch.ones(2, 2**15, device="meta"))
+        head_kernel.segment_max_matmul(feats, weight, torch.zeros(2**16, dtype=torch.int32, device="meta"), 2)
 
 
 def test_forced_kernel_says_why_it_cannot_run(monkeypatch):
@@ -76,10 +53,10 @@ def test_forced_kernel_says_why_it_cannot_run(monkeypatch):
 
 
 @interpreted
-def test_masked_max_matmul_empty_batch_and_width():
-    for feats in (torch.zeros(0, 4, 8), torch.zeros(3, 0, 8)):
-        out = head_kernel.masked_max_matmul(feats, torch.zeros(5, 8), torch.ones(feats.shape[:2]))
-        assert out.shape == (feats.shape[0], 5) and torch.isinf(out).all()
+def test_segment_max_matmul_no_positions_or_no_texts():
+    out = head_kernel.segment_max_matmul(torch.zeros(0, 8), torch.zeros(5, 8), torch.zeros(0, dtype=torch.int32), 3)
+    assert out.shape == (3, 5) and torch.isinf(out).all()
+    assert head_kernel.segment_max_matmul(torch.zeros(4, 8), torch.zeros(5, 8), torch.full((4,), -1), 0).shape == (0, 5)
 
 
 @interpreted
@@ -114,3 +91,44 @@ def test_kernel_on_gpu_equals_torch_path_in_bf16(vocab, hidden):
         ref = _max_pool_inference(feats, weight, bias, mask, 0, kernel="torch")
     assert (ref > 0).float().mean() > 0.1
     torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
+
+
+def _owners(mask: torch.Tensor) -> torch.Tensor:
+    """A padded batch's mask [B, L] -> the text id of each flattened position, -1 where nothing is pooled."""
+    return torch.where(mask.bool(), torch.arange(mask.shape[0])[:, None], -1).reshape(-1).to(torch.int32)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("batch,length,hidden,vocab", [(11, 37, 40, 150), (6, 16, 16, 32), (9, 70, 24, 65)])
+def test_segment_max_matmul_equals_masked_max_of_the_logits(dtype, batch, length, hidden, vocab):
+    """Padded batches flattened (the same mask patterns), and packed texts: many texts per tile, texts spanning
+    tiles, empty texts, runs of unpooled positions."""
+    gen = torch.Generator().manual_seed(batch + 1)
+    feats = torch.randn(batch, length, hidden, generator=gen).to(dtype)
+    weight = torch.randn(vocab, hidden, generator=gen).to(dtype)
+    mask = _masks(batch, length, gen)
+    ref = _reference(feats, weight, mask)
+    got = head_kernel.segment_max_matmul(feats.reshape(-1, hidden), weight, _owners(mask), batch)
+    assert got.dtype == torch.float32 and got.shape == (batch, vocab)
+    assert torch.equal(torch.isinf(got), torch.isinf(ref)) and torch.isinf(got[1]).all()
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(got[finite], ref[finite], rtol=1e-4, atol=1e-4)
+
+    lengths = torch.randint(0, length + 1, (batch,), generator=gen)
+    lengths[0], lengths[-1] = 1, 0
+    keep = torch.arange(length)[None, :] < lengths[:, None]
+    packed = head_kernel.segment_max_matmul(feats[keep], weight, _owners(keep & mask.bool())[keep.reshape(-1)],
+                                            batch)
+    ref = _reference(feats, weight, keep & mask.bool())
+    assert torch.equal(torch.isinf(packed), torch.isinf(ref))
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(packed[finite], ref[finite], rtol=1e-4, atol=1e-4)
+
+
+def test_segment_max_matmul_rejects_mismatched_inputs():
+    with pytest.raises(ValueError, match="does not match"):
+        head_kernel.segment_max_matmul(torch.zeros(3, 8), torch.zeros(5, 8, dtype=torch.float16),
+                                       torch.zeros(3, dtype=torch.int32), 1)
+    with pytest.raises(ValueError, match=r"text ids \(4,\) do not match feats \(3, 8\)"):
+        head_kernel.segment_max_matmul(torch.zeros(3, 8), torch.zeros(5, 8), torch.zeros(4, dtype=torch.int32), 1)
