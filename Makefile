@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: test demo demo-zeroshot install clean
+.PHONY: test test-full demo demo-zeroshot install clean
 
 $(STAMP): requirements.txt requirements-offline-data.txt requirements-triton-cpu.txt
 	test -x $(PY) || python3.11 -m venv .venv || python3 -m venv .venv
@@ -21,8 +21,12 @@ $(STAMP): requirements.txt requirements-offline-data.txt requirements-triton-cpu
 
 install: $(STAMP)
 
+# two pytest workers (pytest-xdist): the tests are single-threaded and the CI machine has 2 cores
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not full"
+
+test-full: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist worksteal
 
 demo: $(STAMP)
 	bash scripts/demo.sh

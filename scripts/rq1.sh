@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # RQ1 — can LLMs write useful sparse representations zero-shot? Prompted BERT (MLM at [MASK]), Flan-T5 base -> xxl
 # and OPT 350m -> 13b: zeroshot_prompt.py (corpus + queries) -> index -> search -> evaluate -> table.
-#   bash scripts/rq1.sh [--only NAME] [--engine E] [--gpus N]      # MS MARCO (scripts/prepare_msmarco.sh first)
+#   bash scripts/rq1.sh [--only NAME[,NAME...]] [--engine E] [--gpus N]      # MS MARCO (scripts/prepare_msmarco.sh first)
 #   bash scripts/rq1.sh --tiny                                      # CI: tiny random models + fixture
 #   bash scripts/rq1.sh --wiki                                      # offline Wikipedia, SmolLM2-135M (+ SPLADE-tiny's MLM)
 # Options and outputs: scripts/rq_common.sh. Table: runs/rq1/table.md (+ table.png: MRR@10 vs FLOPs).

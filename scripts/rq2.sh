@@ -2,7 +2,7 @@
 # RQ2 — which backbone makes the best learned sparse retriever? DistilSPLADE-max (encoder) vs Flan-T5-base as
 # encoder-only, encoder-decoder with multi-token decoding, decoder-only, vs OPT-350m (decoder LLM, multi-token), all
 # trained alike (MarginMSE from the MiniLM cross-encoder, FLOPs): train -> encode -> index -> search -> evaluate -> table.
-#   bash scripts/rq2.sh [--only NAME] [--engine E] [--gpus N]      # MS MARCO (scripts/prepare_msmarco.sh first)
+#   bash scripts/rq2.sh [--only NAME[,NAME...]] [--engine E] [--gpus N]      # MS MARCO (scripts/prepare_msmarco.sh first)
 #   bash scripts/rq2.sh --tiny                                      # CI: tiny random models + fixture, 2 steps
 #   bash scripts/rq2.sh --wiki                                      # offline Wikipedia: SPLADE-tiny, SmolLM2-135M
 # Options and outputs: scripts/rq_common.sh. Table: runs/rq2/table.md (+ table.png: MRR@10 vs FLOPs).

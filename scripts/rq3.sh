@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # RQ3 — which head/decoding? On Flan-T5-base: single-token vs multi-token decoding (both MLM), and the asymmetric
 # qMLM-dMLP and qMLP-dMLM (two backbone copies): train -> encode -> index -> search -> evaluate -> table.
-#   bash scripts/rq3.sh [--only NAME] [--engine E] [--gpus N]      # MS MARCO (scripts/prepare_msmarco.sh first)
+#   bash scripts/rq3.sh [--only NAME[,NAME...]] [--engine E] [--gpus N]      # MS MARCO (scripts/prepare_msmarco.sh first)
 #   bash scripts/rq3.sh --tiny                                      # CI: tiny random T5 + fixture, 2 steps
 #   bash scripts/rq3.sh --wiki                                      # offline Wikipedia: the heads on SPLADE-tiny (no
 #                                                                   # pretrained T5 offline: single-token is skipped)

@@ -2,7 +2,7 @@
 # RQ4 — does scaling help? Students Flan-T5-large, OPT-1.3B, OPT-6.7B (LoRA) with the MiniLM-L6 cross-encoder
 # teacher, and the teacher scaled to RankLLaMA-7B for the OPT-1.3B student: train -> encode -> index -> search ->
 # evaluate -> table. RankLLaMA scores: scripts/teacher_scores.py (or scripts/prepare_msmarco.sh --rankllama-scores).
-#   bash scripts/rq4.sh [--only NAME] [--engine E] [--gpus N]      # MS MARCO (scripts/prepare_msmarco.sh first)
+#   bash scripts/rq4.sh [--only NAME[,NAME...]] [--engine E] [--gpus N]      # MS MARCO (scripts/prepare_msmarco.sh first)
 #   bash scripts/rq4.sh --tiny                                      # CI: tiny models; the "RankLLaMA" teacher is a
 #                                                                   # tiny random cross-encoder run by teacher_scores.py
 #   bash scripts/rq4.sh --wiki                                      # offline Wikipedia: SmolLM2-135M students only

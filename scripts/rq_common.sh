@@ -10,7 +10,8 @@
 #                   exact engine; the table is produced all the same (its numbers mean nothing)
 #   --wiki          the offline Wikipedia known-item collection (scripts/prepare_wiki.py) with the real small models
 #                   shipped in packages (wiki_model: splade_tiny | minilm | smollm2; "-" = no offline stand-in, skipped)
-#   --only NAME     run the chain of that configuration only (the table still shows every finished one)
+#   --only NAMES    run the chains of these configurations only, comma-separated (the table still shows every
+#                   finished one)
 #   --engine E      exact | qdrant-edge | seismic | milvus (default: index.py's default; exact with --tiny)
 #   --gpus N        train/encode/prompt under `accelerate launch --num_processes N` when N > 1
 #   --steps N       override train.max_steps (default: the yaml's; 2 with --tiny, 100 with --wiki)
@@ -50,11 +51,12 @@ rq_parse() {
     esac
     shift
   done
-  if [ -n "$ONLY" ]; then
-    local found=0 row
-    for row in "${CONFIGS[@]}"; do set -- $row; [ "$1" = "$ONLY" ] && found=1; done
-    [ $found = 1 ] || { echo "error: --only $ONLY: not one of: $(for r in "${CONFIGS[@]}"; do set -- $r; printf '%s ' $1; done)" >&2; exit 2; }
-  fi
+  local name row found
+  for name in ${ONLY//,/ }; do
+    found=0
+    for row in "${CONFIGS[@]}"; do set -- $row; [ "$1" = "$name" ] && found=1; done
+    [ $found = 1 ] || { echo "error: --only $name: not one of: $(for r in "${CONFIGS[@]}"; do set -- $r; printf '%s ' $1; done)" >&2; exit 2; }
+  done
   LAUNCH=($PY)
   if [ "$GPUS" -gt 1 ]; then LAUNCH=("$(dirname $PY)/accelerate" launch --num_processes "$GPUS"); fi
 }
@@ -140,7 +142,7 @@ train_data_overrides() {
 }
 
 # wanted NAME: whether --only selects it
-wanted() { [ -z "$ONLY" ] || [ "$ONLY" = "$1" ]; }
+wanted() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }
 
 # encode/prompt queries + corpus are done by the caller; index -> search for one configuration
 index_search() {

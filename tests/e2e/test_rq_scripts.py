@@ -1,6 +1,9 @@
 """scripts/rq1.sh .. rq4.sh --tiny end to end (tiny random models of each backbone family, the tiny MS MARCO-shaped
 fixture, 2 training steps, exact engine): every configuration ends in a table row with metrics in [0, 1] and FLOPs;
-a rerun skips finished steps; scripts/tables.py lays out the paper's columns. The full scripts are `slow`."""
+a rerun skips finished steps; scripts/tables.py lays out the paper's columns.
+`make test` (CI) runs each script on the configurations that take distinct code paths (CI_NAMES: in --tiny mode
+e.g. flan_t5_base and flan_t5_xxl are the same tiny T5); every configuration of every script is marked `full`
+(~20 min on 2 cores, `make test-full`)."""
 import json
 import os
 import subprocess
@@ -19,6 +22,12 @@ NAMES = {"rq1": ["bert_base_uncased", "flan_t5_base", "flan_t5_large", "flan_t5_
                  "opt_350m"],
          "rq3": ["flan_t5_single_token", "flan_t5_multi_token", "qmlm_dmlp", "qmlp_dmlm"],
          "rq4": ["flan_t5_large", "opt_1_3b", "opt_6_7b_lora", "opt_1_3b_rankllama"]}
+# one configuration per code path: zero-shot encoder / encoder-decoder / decoder (RQ1), the backbone uses of RQ2
+# (multi-token T5 in RQ3), the asymmetric heads (RQ3), LoRA and the cross-encoder teacher (RQ4)
+CI_NAMES = {"rq1": ["bert_base_uncased", "flan_t5_base", "opt_350m"],
+            "rq2": ["distilsplade_max", "flan_t5_encoder_only", "flan_t5_decoder_only", "opt_350m"],
+            "rq3": ["flan_t5_multi_token", "qmlm_dmlp", "qmlp_dmlm"],
+            "rq4": ["opt_6_7b_lora", "opt_1_3b_rankllama"]}
 
 
 def run_script(rq: str, root: Path, *args: str) -> str:
@@ -65,28 +74,34 @@ def test_tables_layout(tmp_path):
     assert "| b | – | – | – | – | – | – | – | – |" in md  # not run: shown, empty
 
 
-def test_rq2_only_one_config_then_rerun_skips(tmp_path):
-    out = run_script("rq2", tmp_path, "--only", "distilsplade_max")
-    check_table(tmp_path, "rq2", ["distilsplade_max"])
-    assert "distilsplade_max: train" in out and "opt_350m" not in out.split("== table")[0]
-    run = tmp_path / "rq2" / "search" / "distilsplade_max.trec"
-    mtime = run.stat().st_mtime_ns
-    out = run_script("rq2", tmp_path, "--only", "distilsplade_max")
-    assert run.stat().st_mtime_ns == mtime and "trained 2 steps" not in out and "encoded" not in out
-
-
-@pytest.fixture(scope="module")
-def shared_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("rq_tiny")  # one fixture set and one set of tiny models for the four scripts
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("rq", ["rq1", "rq2", "rq3", "rq4"])
-def test_rq_script_tiny(shared_root, rq):
-    out = run_script(rq, shared_root)
-    check_table(shared_root, rq, NAMES[rq])
+def test_rq_script_tiny_ci_configs(tmp_path, rq):
+    out = run_script(rq, tmp_path, "--only", ",".join(CI_NAMES[rq]))
+    check_table(tmp_path, rq, [n for n in NAMES[rq] if n in CI_NAMES[rq]])
     assert f"{rq} (tiny) done" in out
+    skipped = [n for n in NAMES[rq] if n not in CI_NAMES[rq]]
+    assert not any(f"== {n}:" in out for n in skipped)
     if rq == "rq4":  # the teacher of opt_1_3b_rankllama was made by teacher_scores.py (tiny cross-encoder)
-        assert (shared_root / "data" / "scores.rankllama.json.gz").is_file()
-        cfg = (shared_root / "rq4" / "opt_1_3b_rankllama" / "config.yaml").read_text()
+        assert (tmp_path / "data" / "scores.rankllama.json.gz").is_file()
+        cfg = (tmp_path / "rq4" / "opt_1_3b_rankllama" / "config.yaml").read_text()
         assert "scores.rankllama.json.gz" in cfg
+    if rq == "rq2":  # a rerun of a finished configuration skips every step
+        run = tmp_path / "rq2" / "search" / "distilsplade_max.trec"
+        mtime = run.stat().st_mtime_ns
+        out = run_script("rq2", tmp_path, "--only", "distilsplade_max")
+        assert run.stat().st_mtime_ns == mtime and "trained 2 steps" not in out and "encoded" not in out
+
+
+def test_only_names_an_unknown_configuration(tmp_path):
+    env = dict(os.environ, PY=sys.executable, HF_HUB_OFFLINE="1")
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "rq3.sh"), "--tiny", "--out", str(tmp_path), "--only",
+                           "qmlm_dmlp,nope"], capture_output=True, text=True, env=env, cwd=REPO)
+    assert proc.returncode == 2 and "error: --only nope: not one of: flan_t5_single_token" in proc.stderr
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("rq", ["rq1", "rq2", "rq3", "rq4"])
+def test_rq_script_tiny(tmp_path, rq):
+    out = run_script(rq, tmp_path)
+    check_table(tmp_path, rq, NAMES[rq])
+    assert f"{rq} (tiny) done" in out
