@@ -131,7 +131,7 @@ def plot_flops(means: dict, run_paths: dict, metric: str, path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = load_config(to_config_argv(sys.argv[1:] if argv is None else list(argv)))
+    cfg = load_config(to_config_argv(sys.argv[1:] if argv is None else list(argv)), runs_model=False)
     ev = cfg.eval
     if not ev.qrels:
         raise ConfigError("'eval.qrels' is required (--qrels FILE)")

@@ -35,7 +35,7 @@ def folder_size(folder: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(sys.argv[1:] if argv is None else argv, runs_model=False)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = cfg.index.engine
     source = Path(cfg.index.input or cfg.output_dir / "encode" / "corpus")

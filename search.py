@@ -33,7 +33,7 @@ logger = logging.getLogger("search")
 
 
 def main(argv: list[str] | None = None) -> Path:
-    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(sys.argv[1:] if argv is None else argv, runs_model=False)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     queries_dir = Path(cfg.search.queries or cfg.output_dir / "encode" / "queries")
     index_dir = Path(cfg.search.index or cfg.output_dir / "index" / (cfg.search.engine or cfg.index.engine))

@@ -331,8 +331,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"'train.temperature' must be > 0, got {cfg.train.temperature!r}")
 
 
-def load_config(argv: list[str] | None = None) -> Config:
-    """`--cfg FILE` (optional, first) then `--section.key=value` overrides, applied in order."""
+def load_config(argv: list[str] | None = None, runs_model: bool = True) -> Config:
+    """`--cfg FILE` (optional, first) then `--section.key=value` overrides, applied in order. `runs_model=False`
+    (index, search, evaluate): precision is resolved all the same, without the warning about computing in it."""
     argv = list(argv or [])
     cfg = Config()
     if "--cfg" in argv:
@@ -357,11 +358,11 @@ def load_config(argv: list[str] | None = None) -> Config:
         sec, _, key = dotted.partition(".")
         _merge(cfg, {sec: {key: _parse_cli_value(raw)}}, "command line")
     validate(cfg)
-    resolve_precision(cfg)
+    resolve_precision(cfg, warn=runs_model)
     return cfg
 
 
-def resolve_precision(cfg: Config) -> None:
+def resolve_precision(cfg: Config, warn: bool = True) -> None:
     """`auto` in model.dtype / train.mixed_precision -> bf16 where this machine computes it natively, else float32 /
     no; an explicit bf16 on a CPU that emulates it gets a warning. The saved config.yaml records the choice."""
     wants_bf16 = {cfg.model.dtype, cfg.train.mixed_precision} & {"auto", "bfloat16", "bf16"}
@@ -374,7 +375,7 @@ def resolve_precision(cfg: Config) -> None:
         cfg.model.dtype = "bfloat16" if native else "float32"
     if cfg.train.mixed_precision == "auto":
         cfg.train.mixed_precision = "bf16" if native else "no"
-    if not native and wants_bf16 - {"auto"}:
+    if warn and not native and wants_bf16 - {"auto"}:
         logging.getLogger(__name__).warning(
             "bf16 requested on a CPU without AVX512-BF16 or AMX: its bf16 matmuls are emulated (measured 23x slower "
             "than float32 on an AVX2 EPYC); 'auto' picks float32 here")

@@ -45,6 +45,8 @@ def test_auto_precision_follows_the_hardware(monkeypatch, caplog, native):
     assert (cfg.model.dtype, cfg.train.mixed_precision) == ("bfloat16", "fp16")
     assert ("emulated" in caplog.text) is not native
     caplog.clear()
+    cfg = load_config(["--model.dtype=bfloat16"], runs_model=False)  # index, search, evaluate compute nothing in it
+    assert cfg.model.dtype == "bfloat16" and caplog.text == ""
     load_config(["--train.mixed_precision=fp16"])  # nothing asks for bf16: no probe, no warning
     assert caplog.text == ""
 
