@@ -20,7 +20,9 @@ def test_encode_bench_tiny():
     from bench import encode_gpu
 
     rows = encode_gpu.main(["--tiny", "--workers", "0", "--model-only", "--heads", "auto,torch",
-                            "--packed", "true,false"])
+                            "--packed", "true,false", "--host-only"])
+    host = rows.pop(0)  # the host pipeline alone comes first: no model, no terms
+    assert host["system"] == "host pipeline alone (0 tokenizer workers, no model)" and host["docs_per_s"] > 0
     systems = [r["system"] for r in rows]
     assert systems[-1] == "sentence-transformers SparseEncoder.encode" and "error" not in rows[-1]
     assert any("model only" in s for s in systems)
