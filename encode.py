@@ -77,24 +77,46 @@ def resolve_model_path(cfg) -> str:
     return str(final) if (final / "lsr_config.json").is_file() else cfg.model.name_or_path
 
 
-def tokenized_batches(model, texts: list[str], is_query: bool, batch_size: int, workers: int, device):
-    """(positions in `texts`, tokenized batch on the host) over length-sorted batches, tokenised in `workers`
-    DataLoader workers (0: in this process), into pinned memory for a CUDA `device`."""
+def to_wire(batch: dict) -> tuple[torch.Tensor, tuple]:
+    """A tokenized batch -> (one int64 tensor, its layout): a DataLoader worker then hands the main process one
+    shared-memory segment per batch, not one per tensor (each is a file descriptor to receive in the process that
+    drives the device; bench/RESULTS.md, host pipeline)."""
+    tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    layout = tuple((k, tuple(v.shape), v.dtype) for k, v in tensors.items())
+    others = {k: v for k, v in batch.items() if k not in tensors}
+    return torch.cat([v.reshape(-1).long() for v in tensors.values()]), (layout, others)
+
+
+def from_wire(flat: torch.Tensor, layout: tuple) -> dict:
+    """`to_wire`'s inverse, on whichever device `flat` is (views of it, but dtypes other than int64)."""
+    shapes, others = layout
+    parts = flat.split([math.prod(shape) for _, shape, _ in shapes])
+    return {**{k: part.view(shape).to(dtype) for (k, shape, dtype), part in zip(shapes, parts)}, **others}
+
+
+def tokenized_batches(model, texts: list[str], is_query: bool, batch_size: int, workers: int, device,
+                      pin: bool = True):
+    """(positions in `texts`, tokenized batch on the host as `to_wire` gives it) over length-sorted batches, tokenised
+    in `workers` DataLoader workers (0: in this process), into pinned memory for a CUDA `device` (`pin`). Batches
+    come packed (`SparseModel.host_batch`) where the model packs on `device`."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     groups = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    pack = model.packs(is_query, device)
     return torch.utils.data.DataLoader(
-        groups, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-        collate_fn=lambda positions: (positions, model.tokenize([texts[i] for i in positions], is_query)))
+        groups, batch_size=None, num_workers=workers, pin_memory=pin and device.type == "cuda",
+        collate_fn=lambda positions: (positions, *to_wire(model.host_batch([texts[i] for i in positions], is_query,
+                                                                           pack))))
 
 
-def encode_shard(model, texts: list[str], is_query: bool, batch_size: int, progress, workers: int = 0):
+def encode_shard(model, texts: list[str], is_query: bool, batch_size: int, progress, workers: int = 0,
+                 pin: bool = True):
     """Yield (positions in `texts`, reps [b, V]) over length-sorted batches; the caller prunes each batch at once,
-    so memory stays flat. With `workers` > 0 the tokenizer runs in DataLoader workers into pinned memory, so a GPU
-    does not wait for it (measured 3.3-3.7x docs/s on an H200, bench/RESULTS.md)."""
+    so memory stays flat. With `workers` > 0 the tokenizer runs in DataLoader workers into pinned memory (`pin`), so
+    a GPU does not wait for it (measured 3.3-3.7x docs/s on an H200, bench/RESULTS.md)."""
     device = next(model.parameters()).device
-    for positions, batch in tokenized_batches(model, texts, is_query, batch_size, workers, device):
+    for positions, flat, layout in tokenized_batches(model, texts, is_query, batch_size, workers, device, pin):
         with torch.inference_mode():
-            reps = model.encode_batch({k: v.to(device, non_blocking=True) for k, v in batch.items()}, is_query)
+            reps = model.encode_batch(from_wire(flat.to(device, non_blocking=True), layout), is_query)
         progress.update(len(positions))
         yield positions, reps
 
@@ -125,6 +147,8 @@ def main(argv=None) -> Path:
     logger.info(f"encoding {len(ids)} {'queries' if is_query else 'documents'} with {cfg.model.name_or_path} into "
                 f"{n_shards} shard(s) on {accelerator.num_processes} process(es); this process: {len(mine)} to do",
                 main_process_only=False)
+    if enc.num_workers:  # workers hand batches over by shared-memory file name, not by descriptor: 3-5% more docs/s
+        torch.multiprocessing.set_sharing_strategy("file_system")  # on an H200 (bench/RESULTS.md, host pipeline)
     started = time.time()
     progress = tqdm(total=todo, disable=not accelerator.is_main_process, desc="encode", unit="text")
     for shard in mine:

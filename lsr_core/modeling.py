@@ -216,7 +216,7 @@ def _max_pool_inference(feats, weight, bias, mask, chunk, activate: bool = True,
     written); otherwise chunked, and on the CPU the logits stay in the matmul dtype (bf16 halves the memory passes
     of masking and max; measured 3.5-6x faster than the training path on 2 cores).
     `activate=False` returns the pooled logits before ReLU and log1p (what calibration thresholds).
-    `packed`: the padded batch's attention mask [B, L] when feats [1, T, H] and mask [1, T] hold its texts end to end
+    `packed`: the texts' offsets cu_seq_lens [B + 1] when feats [1, T, H] and mask [1, T] hold them end to end
     (`_packed_inputs`); the kernel reads them in place, the torch path unpads first."""
     dtype = torch.get_autocast_dtype(feats.device.type) if torch.is_autocast_enabled(feats.device.type) \
         else feats.dtype
@@ -224,10 +224,10 @@ def _max_pool_inference(feats, weight, bias, mask, chunk, activate: bool = True,
         head_kernel.check_runnable(feats)
     use_kernel = kernel == "triton" or (kernel == "auto" and head_kernel.usable(feats, weight, dtype))
     if use_kernel:  # texts end to end, or the padded batch flattened: each position tagged with its text
-        rows = (packed if packed is not None else feats).shape[0]
+        rows = packed.shape[0] - 1 if packed is not None else feats.shape[0]
         texts = torch.arange(rows, device=feats.device, dtype=torch.int32)
         if packed is not None:
-            owner = texts.repeat_interleave(packed.sum(1), output_size=feats.shape[1])
+            owner = texts.repeat_interleave(packed.diff(), output_size=feats.shape[1])
         else:
             owner = texts[:, None].expand(feats.shape[:2]).reshape(-1)
         pooled = torch.where(mask.reshape(-1) != 0, owner, -1)
@@ -235,8 +235,10 @@ def _max_pool_inference(feats, weight, bias, mask, chunk, activate: bool = True,
                                              pooled, rows)
         return _activate(out, bias, activate)
     if packed is not None:
-        feats = feats.new_zeros(*packed.shape, feats.shape[-1]).index_put_((packed,), feats[0])
-        mask = mask.new_zeros(packed.shape).index_put_((packed,), mask[0])
+        lengths = packed.diff()
+        keep = torch.arange(int(lengths.max()), device=feats.device)[None] < lengths[:, None]
+        feats = feats.new_zeros(*keep.shape, feats.shape[-1]).index_put_((keep,), feats[0])
+        mask = mask.new_zeros(keep.shape).index_put_((keep,), mask[0])
     batch, length, hidden = feats.shape
     vocab = weight.shape[0]
     chunk = chunk or 4 * _auto_chunk(batch, vocab, length, feats.device)
@@ -437,21 +439,33 @@ def enable_packing(backbone, kind: str, packed: str) -> bool:
     return True
 
 
-def _packed_inputs(backbone, batch: dict) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """A padded batch -> (the backbone's inputs with its texts packed into one row, the pool mask [1, T], the
-    attention mask [B, L] as a bool to unpack with). Positions restart at each text as padded inputs have them."""
+def pack_batch(batch: dict) -> dict:
+    """A padded batch -> its texts end to end: input_ids, position_ids (restarting at each text, as padded inputs have
+    them) and pool_mask [T]; cu_seq_lens [B + 1] int32, the texts' offsets; max_length, a Python int: the padded width
+    rounded up to 64 (an upper bound is enough for the attention kernel, and few values keep compile's graphs few).
+    Run on the host (encode's tokenizer workers) it costs the device no synchronisation; on a device it syncs."""
     keep = batch["attention_mask"].bool()
     ends = keep.sum(1, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    cu = torch.cat([ends.new_zeros(1), ends])
-    ids = batch["input_ids"][keep][None]
+    return {"input_ids": batch["input_ids"][keep], "position_ids": (keep.cumsum(1) - 1)[keep],
+            "pool_mask": batch["pool_mask"][keep], "cu_seq_lens": torch.cat([ends.new_zeros(1), ends]),
+            "max_length": _round_up(keep.shape[1], 64)}
+
+
+def is_packed(batch: dict) -> bool:
+    return "cu_seq_lens" in batch
+
+
+def _packed_inputs(backbone, batch: dict) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """A padded or already packed batch -> (the backbone's inputs with its texts in one row, the pool mask [1, T],
+    the texts' offsets cu_seq_lens [B + 1])."""
+    packed = batch if is_packed(batch) else pack_batch(batch)
+    ids, cu, width = packed["input_ids"][None], packed["cu_seq_lens"], packed["max_length"]
     first = PACKED_POSITION_OFFSET[backbone.config.model_type](backbone.config)
-    # the longest text, rounded up: an upper bound is enough for the kernel, and few values keep compile's graphs few
-    width = _round_up(keep.shape[1], 64)
-    inputs = {"input_ids": ids, "position_ids": (keep.cumsum(1) - 1)[keep][None] + first,
+    inputs = {"input_ids": ids, "position_ids": packed["position_ids"][None] + first,
               "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": width, "max_length_k": width}
     if getattr(backbone.config, "type_vocab_size", 0):  # BERT's default token types stop at 512 positions
         inputs["token_type_ids"] = torch.zeros_like(ids)
-    return inputs, batch["pool_mask"][keep][None], keep
+    return inputs, packed["pool_mask"][None], cu
 
 
 # --------------------------------------------------------------------------------------------------------- model
@@ -570,16 +584,20 @@ class SparseModel(nn.Module):
     pad_multiple = 0  # set from model.pad_to_multiple: batch widths are rounded up to a multiple (fewer shapes)
     packed = "false"  # set from model.packed by build_model where `enable_packing` accepted the backbone
 
-    def _packs(self, head: str, batch: dict) -> bool:
-        if self.packed == "false" or head != "mlm" or self.spec.pooling != "max" or torch.is_grad_enabled():
+    def packs(self, is_query: bool, device: torch.device) -> bool:
+        """Whether query (or document) batches run packed on `device` (texts end to end, `pack_batch`) when no
+        gradient is taken."""
+        head = self.spec.query_head if is_query else self.spec.doc_head
+        if self.packed == "false" or head != "mlm" or self.spec.pooling != "max":
             return False
-        return self.packed == "true" or (batch["input_ids"].is_cuda and varlen_attn is not None)
+        return self.packed == "true" or (device.type == "cuda" and varlen_attn is not None)
 
     def encode_batch(self, batch: dict, is_query: bool) -> torch.Tensor:
-        """One tokenized batch -> reps [B, V]. With `length_buckets` > 1 the batch runs as that many length-sorted
-        sub-batches, each trimmed to its own longest text, so short texts stop paying for the longest one."""
+        """One tokenized batch (`tokenize`, or `host_batch`) -> reps [B, V]. With `length_buckets` > 1 a padded batch
+        runs as that many length-sorted sub-batches, each trimmed to its own longest text, so short texts stop
+        paying for the longest one."""
         rows = batch["input_ids"].shape[0]
-        if self.length_buckets <= 1 or rows < 2 * self.length_buckets:
+        if is_packed(batch) or self.length_buckets <= 1 or rows < 2 * self.length_buckets:
             return self._encode_one(batch, is_query)
         lengths = batch["attention_mask"].sum(1)
         order = lengths.argsort()
@@ -592,12 +610,13 @@ class SparseModel(nn.Module):
         return torch.cat(reps)[order.argsort()]
 
     def _encode_one(self, batch: dict, is_query: bool) -> torch.Tensor:
+        packed = self.packs(is_query, batch["input_ids"].device) and not torch.is_grad_enabled()
+        if is_packed(batch) and not packed:
+            raise ValueError("a packed batch (host_batch(..., pack=True)) for a model that does not pack here")
         if is_query:
             backbone = self.query_backbone if self.query_backbone is not None else self.doc_backbone
-            return sparse_forward(backbone, self.spec, self.spec.query_head, self.query_mlp, batch,
-                                  packed=self._packs(self.spec.query_head, batch))
-        return sparse_forward(self.doc_backbone, self.spec, self.spec.doc_head, self.doc_mlp, batch,
-                              packed=self._packs(self.spec.doc_head, batch))
+            return sparse_forward(backbone, self.spec, self.spec.query_head, self.query_mlp, batch, packed=packed)
+        return sparse_forward(self.doc_backbone, self.spec, self.spec.doc_head, self.doc_mlp, batch, packed=packed)
 
     def forward(self, q_batch: dict, d_batch: dict):
         return self.encode_batch(q_batch, True), self.encode_batch(d_batch, False)
@@ -609,7 +628,7 @@ class SparseModel(nn.Module):
         if self.spec.doc_head != "mlm":
             raise ValueError("pooled logits need an MLM document head")
         return sparse_forward(self.doc_backbone, self.spec, "mlm", None, batch, raw=True,
-                              packed=self._packs("mlm", batch))
+                              packed=self.packs(False, batch["input_ids"].device))
 
     def encode(self, texts: list[str], is_query: bool) -> torch.Tensor:
         """texts -> reps [B, V] on the model's device."""
@@ -642,6 +661,12 @@ class SparseModel(nn.Module):
             rows, first = torch.arange(len(texts)), attention.argmax(1)
             pool[rows, first] *= ((ids[rows, first] != tok.bos_token_id) | (attention[rows, first] == 0)).long()
         return {"input_ids": ids, "attention_mask": attention, "pool_mask": pool}
+
+    def host_batch(self, texts: list[str], is_query: bool, pack: bool) -> dict:
+        """`tokenize`, then with `pack` (where `packs` holds for the device that will run it) `pack_batch`: what
+        encode's tokenizer workers hand over, so the device gets the packed texts without a synchronisation."""
+        batch = self.tokenize(texts, is_query)
+        return pack_batch(batch) if pack else batch
 
     def _padding_side(self) -> str:
         # decoders may pad on either side (positions are explicit); shift-right decoding needs right padding

@@ -53,12 +53,50 @@ def test_packed_queries_and_length_buckets(tiny, packed_calls):
     torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(not modeling.head_kernel.INTERPRET, reason="runs in Triton's interpreter (CPU machines)")
 def test_packed_rows_through_the_fused_kernel(tiny):
     """The kernel reads each text's span of the packed row (Triton's interpreter on the CPU) and gives the chunked
     torch path's values on the padded batch; a wrong span would pool a neighbour's positions."""
     _, padded = encode(tiny["bert"], TEXTS, packed="false", head_kernel="torch")
     _, packed = encode(tiny["bert"], TEXTS, packed="true", head_kernel="triton")
     torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
+
+
+class _Count:
+    n = 0
+
+    def update(self, n):
+        self.n += n
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_texts_packed_on_the_host_give_the_padded_vectors(tiny, packed_calls, workers):
+    """encode_shard packs in the tokenizer worker (`host_batch`), hands over one tensor (`to_wire`) and the model
+    runs it as packed; the vectors, in input order, are the padded batch's."""
+    from encode import encode_shard, from_wire, to_wire
+
+    _, padded = encode(tiny["bert"], TEXTS, packed="false")
+    model = build_model(ModelConfig(name_or_path=tiny["bert"], packed="true")).eval()
+    batch = model.host_batch(TEXTS, is_query=False, pack=True)
+    assert batch["input_ids"].shape == batch["pool_mask"].shape == (int(batch["cu_seq_lens"][-1]),)
+    flat, layout = to_wire(batch)
+    assert flat.dim() == 1 and flat.dtype == torch.int64
+    back = from_wire(flat, layout)
+    assert back.keys() == batch.keys() and back["cu_seq_lens"].dtype == torch.int32 and back["max_length"] == 64
+    assert all(torch.equal(back[k], batch[k]) for k in batch if k != "max_length")
+    progress = _Count()
+    rows = torch.zeros_like(padded)
+    for positions, reps in encode_shard(model, TEXTS, False, 2, progress, workers=workers):
+        rows[positions] = reps
+    assert progress.n == len(TEXTS) and len(packed_calls) == 3  # three batches of at most 2, packed
+    torch.testing.assert_close(rows, padded, atol=1e-5, rtol=1e-5)
+
+
+def test_a_packed_batch_for_a_model_that_does_not_pack_is_refused(tiny):
+    model = build_model(ModelConfig(name_or_path=tiny["bert"], packed="true")).eval()
+    batch = model.host_batch(TEXTS, is_query=False, pack=True)
+    with pytest.raises(ValueError, match="a packed batch .* for a model that does not pack"), torch.enable_grad():
+        model.encode_batch(batch, is_query=False)
 
 
 def test_calibration_logits_and_training_mode_stay_padded_where_packing_cannot_apply(tiny, packed_calls):
@@ -103,5 +141,19 @@ def test_packed_varlen_flash_attention_on_cuda(tiny, packed_calls):
     assert not packed_calls
     packed = run(packed="auto", dtype="bfloat16")
     assert packed_calls
+    from encode import encode_shard  # packed in the tokenizer workers, no synchronisation: the same vectors
+    model = build_model(ModelConfig(name_or_path=tiny["bert"], packed="auto", dtype="bfloat16")).eval().to("cuda")
+    shard = torch.zeros_like(packed)
+    for positions, reps in encode_shard(model, TEXTS * 40, False, 64, _Count(), workers=2):
+        shard[positions] = reps.float().cpu()
+    torch.testing.assert_close(shard, packed)
+    batch = {k: v.to("cuda") if torch.is_tensor(v) else v for k, v in model.host_batch(TEXTS, False, True).items()}
+    with torch.inference_mode():
+        model.encode_batch(batch, is_query=False)  # warm-up: the kernel's autotuning synchronises
+        torch.cuda.set_sync_debug_mode("error")  # a batch packed on the host runs without a synchronisation
+        try:
+            model.encode_batch(batch, is_query=False)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
     err_padded, err_packed = (padded - reference).abs().max(), (packed - reference).abs().max()
     assert err_packed <= 2 * err_padded + 1e-3, (err_packed, err_padded)
