@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from encode import encode_shard, tokenized_batches  # noqa: E402
+from encode import encode_shard, from_wire, to_wire, tokenized_batches  # noqa: E402
 from bench.peak import peak_tflops  # noqa: E402
 from bench.train import body_params  # noqa: E402
 from lsr_core.config import ModelConfig  # noqa: E402
@@ -120,7 +120,28 @@ def shift_bias(backbone, shift: float) -> None:
     projection.bias.data.sub_(shift)
 
 
-def bench_ours(folder, texts, warm, args, device, workers: int, compile_mode: str, head: str, packed: str):
+def dict_batches(model, texts: list[str], batch_size: int, workers: int, device):
+    """The host pipeline before `encode.to_wire` (transport "dicts"): each worker hands over a dict of padded
+    tensors (one shared-memory segment each) and the device packs them (`pack_batch` there: synchronisations)."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    groups = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    loader = torch.utils.data.DataLoader(
+        groups, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
+        collate_fn=lambda positions: (positions, model.tokenize([texts[i] for i in positions], is_query=False)))
+    for positions, batch in loader:
+        with torch.inference_mode():
+            yield positions, model.encode_batch({k: v.to(device, non_blocking=True) for k, v in batch.items()},
+                                                is_query=False)
+
+
+def set_transport(transport: str) -> None:
+    """wire / dicts: shared-memory segments passed as file descriptors (torch's default on Linux); wire-fs: by
+    file name (torch.multiprocessing's file_system strategy)."""
+    torch.multiprocessing.set_sharing_strategy("file_system" if "-fs" in transport else "file_descriptor")
+
+
+def bench_ours(folder, texts, warm, args, device, workers: int, compile_mode: str, head: str, packed: str,
+               transport: str = "wire"):
     mode, _, scope = compile_mode.partition(":")  # e.g. default:layer
     # each variant's model compiles the same block code: without a reset its graphs count towards the previous
     # models' recompile limit (8), and past it torch runs the blocks eagerly without a word on stdout
@@ -141,7 +162,10 @@ def bench_ours(folder, texts, warm, args, device, workers: int, compile_mode: st
                 with torch.inference_mode():
                     nnz += model.encode_batch(batch, is_query=False).to_sparse()._nnz()
             return nnz
-        for _, reps in encode_shard(model, part, False, args.batch, _NoProgress(), workers):
+        set_transport(transport)
+        batches = dict_batches(model, part, args.batch, workers, device) if transport.startswith("dicts") else \
+            encode_shard(model, part, False, args.batch, _NoProgress(), workers, pin="pageable" not in transport)
+        for _, reps in batches:
             nnz += reps.to_sparse()._nnz()
         return nnz
 
@@ -150,17 +174,32 @@ def bench_ours(folder, texts, warm, args, device, workers: int, compile_mode: st
         for part in (warm, texts):
             ordered = sorted(part, key=len)
             pretokenized[id(part)] = [
-                {k: v.to(device) for k, v in model.tokenize(ordered[s:s + args.batch], is_query=False).items()}
-                for s in range(0, len(ordered), args.batch)]
+                from_wire(flat.to(device), layout) for flat, layout in (
+                    to_wire(model.host_batch(ordered[s:s + args.batch], False, model.packs(False, device)))
+                    for s in range(0, len(ordered), args.batch))]
 
+    # the host time spent in encode_batch: launching the model's kernels (no synchronisation inside on a packed
+    # batch); near the time per batch, the host, not the device, sets the pace
+    launch, encode_batch = [0.0, 0], model.encode_batch
+
+    def timed(batch, is_query):
+        began = time.perf_counter()
+        out = encode_batch(batch, is_query)
+        launch[0] += time.perf_counter() - began
+        launch[1] += 1
+        return out
+
+    model.encode_batch = timed
     run(warm)
     sync(device)
+    launch[:] = [0.0, 0]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     began = time.perf_counter()
     nnz = run(texts)
     sync(device)
     seconds = time.perf_counter() - began
+    args.launch_ms, args.batch_ms = 1e3 * launch[0] / launch[1], 1e3 * seconds / launch[1]
     lengths = [len(ids) for ids in model.tokenizer(texts)["input_ids"]]
     return seconds, lengths, body_params(model.doc_backbone), nnz / len(texts)
 
@@ -169,9 +208,8 @@ def bench_host(model, texts, warm, args, device, workers: int) -> float:
     """encode_shard's host side alone: the tokenizer workers' batches copied to the device, no model run (the
     model, left on the CPU, only tokenises)."""
     def run(part):
-        for _, batch in tokenized_batches(model, part, False, args.batch, workers, device):
-            for v in batch.values():
-                v.to(device, non_blocking=True)
+        for _, flat, _ in tokenized_batches(model, part, False, args.batch, workers, device):
+            flat.to(device, non_blocking=True)
         sync(device)
 
     run(warm)
@@ -218,6 +256,13 @@ def main(argv=None) -> list[dict]:
                         "(the fused Triton kernel on a GPU), torch (chunked float32 logits), triton")
     parser.add_argument("--packed", default="auto", help="comma list of model.packed values to time: auto (an "
                         "encoder's texts end to end on CUDA, varlen flash attention), false (padded batches)")
+    parser.add_argument("--transport", default="wire-fs", help="comma list, how tokenizer workers hand batches over: "
+                        "wire-fs (encode.py's: one tensor per batch, packed on the host, shared by file name: "
+                        "torch's file_system strategy), wire (the same by file descriptor, torch's default), "
+                        "wire-fs-pageable (wire-fs not pinned), dicts (a tensor per field by descriptor, packed on "
+                        "the device: the pipeline before encode.to_wire)")
+    parser.add_argument("--threads", default="0", help="comma list of the main process's torch CPU threads to time "
+                        "end to end with (torch.set_num_threads; 0 = torch's default, one per core)")
     parser.add_argument("--model-only", action="store_true", help="also time the model alone on batches tokenised "
                         "before the clock starts (the host pipeline's ceiling)")
     parser.add_argument("--target-nnz", type=int, default=150, help="shift the output bias to ~this many terms per "
@@ -241,8 +286,12 @@ def main(argv=None) -> list[dict]:
     heads, modes, packs = args.heads.split(","), args.compile.split(","), args.packed.split(",")
     grid = [(mode, head, packed) for mode in modes for head in heads for packed in packs]
     workers = [int(n) for n in args.workers.split(",")]
-    variants = [(0, "none", heads[0], packs[0])] + [(n, *v) for n in workers for v in grid]
-    variants += [(-1, *v) for v in grid] if args.model_only else []
+    transports = args.transport.split(",")
+    threads = [int(n) for n in args.threads.split(",")]
+    variants = [(0, "none", heads[0], packs[0], transports[0], threads[0])]
+    variants += [(n, *v, transport, t) for n in workers for v in grid for transport in transports for t in threads]
+    variants += [(-1, *v, transports[0], threads[0]) for v in grid] if args.model_only else []
+    default_threads = torch.get_num_threads()
     if args.host_only:
         tokenizer_only = build_model(ModelConfig(name_or_path=str(folder), dtype="bfloat16"))
         tokens = sum(len(ids) for ids in tokenizer_only.tokenizer(texts)["input_ids"])
@@ -251,24 +300,30 @@ def main(argv=None) -> list[dict]:
         rows.append({"model": args.model, "docs": args.docs, "batch": args.batch, "system": f"host pipeline alone "
                      f"({n} tokenizer workers, no model)", "seconds": seconds, "docs_per_s": args.docs / seconds,
                      "tokens_per_s": tokens / seconds, "mfu": float("nan"), "nnz_mean": float("nan")})
-    for workers, compile_mode, head, packed in variants:
+    for workers, compile_mode, head, packed, transport, n_threads in variants:
+        torch.set_num_threads(n_threads or default_threads)
         seconds, lengths, n_params, nnz = bench_ours(folder, texts, warm, args, device, workers, compile_mode, head,
-                                                     packed)
+                                                     packed, transport)
         flop = encode_flops(cfg, n_params, lengths)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
         base = {"model": args.model, "docs": args.docs, "batch": args.batch, "mean_tokens": sum(lengths) / len(lengths),
                 "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "bias_shift": args.shift,
-                "peak_tflops": args.peak_tflops, "head_kernel": head, "packed": packed}
+                "peak_tflops": args.peak_tflops, "head_kernel": head, "packed": packed, "transport": transport,
+                "main_threads": torch.get_num_threads()}
         name = f"ours ({workers} tokenizer workers" if workers >= 0 else "ours (model only: pre-tokenised batches"
         name += f", torch.compile {compile_mode}" if compile_mode != "none" else ""
         name += f", head {head}" if head != "auto" else ""
+        name += f", transport {transport}" if workers > 0 and len(transports) > 1 else ""
+        name += f", {torch.get_num_threads()} main threads" if workers > 0 and len(threads) > 1 else ""
         name += ", padded)" if packed == "false" else ")"
         rows.append(dict(base, system=name, seconds=seconds, docs_per_s=args.docs / seconds,
                          tokens_per_s=sum(lengths) / seconds, mfu=flop / seconds / (args.peak_tflops * 1e12),
-                         peak_mem_gib=peak, nnz_mean=nnz,
+                         peak_mem_gib=peak, nnz_mean=nnz, launch_ms_per_batch=args.launch_ms,
+                         ms_per_batch=args.batch_ms,
                          compiled_graphs=torch._dynamo.utils.counters["stats"]["unique_graphs"]))
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    torch.set_num_threads(default_threads)
     if not args.skip_st:
         try:
             st_seconds, st_nnz = bench_st(folder, texts, warm, args, device)
@@ -292,6 +347,8 @@ def main(argv=None) -> list[dict]:
             print(f"| {r['model']} | {r['system']} | - | - | - | {r['error']} |")
         else:
             graphs = f", {r['compiled_graphs']} graphs compiled" if r.get("compiled_graphs") else ""
+            graphs += f", launch {r['launch_ms_per_batch']:.1f} of {r['ms_per_batch']:.1f} ms/batch" \
+                if "ms_per_batch" in r else ""
             print(f"| {r['model']} | {r['system']} | {r['docs_per_s']:.0f} | {r['tokens_per_s']:.0f} | {r['mfu']:.1%} "
                   f"| nnz {r['nnz_mean']:.0f}{graphs} |")
     for r in rows:
