@@ -274,6 +274,8 @@ def bench_decoder(args, device) -> dict:
     if args.mode == "full":
         accelerator = make_zero3_accelerator(args)
         model, optimizer = accelerator.prepare(model, optimizer)
+        if args.ds_compile != "none":  # DeepSpeedEngine.compile: torch.compile of the whole model, with DeepSpeed's
+            model.compile()  # hooks (ds-compile torch) or with ZeRO-3's gathers scheduled in the graph (deepcompile)
         world = accelerator.num_processes
         device = accelerator.device
     q, d, teacher = make_batch(args, hf_config("llama7b", args.tiny).vocab_size, device, seed=int(
@@ -304,7 +306,8 @@ def bench_decoder(args, device) -> dict:
                     if p.requires_grad)
     label = f"ours llama7b {args.mode}" + (" + grad ckpt" if args.grad_ckpt else "") + \
         (f", LoRA dropout {args.lora_dropout:g}" if args.mode != "full" else "") + \
-        (f" + torch.compile {args.compile} ({args.compile_scope})" if args.compile != "none" else "")
+        (f" + torch.compile {args.compile} ({args.compile_scope})" if args.compile != "none" else "") + \
+        (f" + DeepSpeed compile ({args.ds_compile})" if args.mode == "full" and args.ds_compile != "none" else "")
     return report(args, label, seconds, peak, step_flop, world, {"trainable_params": trainable})
 
 
@@ -321,6 +324,10 @@ def make_zero3_accelerator(args):
         "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
         "train_micro_batch_size_per_gpu": args.batch, "zero_allow_untested_optimizer": True,
     }
+    if args.ds_compile == "deepcompile":
+        ds_config["compile"] = {"deepcompile": True}
+    if args.ds_breakdown:  # DeepSpeed's timers (forward, backward, allgather, reduce, optimizer step) every step
+        ds_config.update(wall_clock_breakdown=True, steps_per_print=1)
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": "29513"}.items():
         os.environ.setdefault(key, value)
@@ -347,6 +354,11 @@ def main(argv=None) -> list[dict]:
                         help="llama7b: torch.compile the transformer blocks (as model.compile)")
     parser.add_argument("--compile-scope", default="stack", choices=["stack", "layer"],
                         help="llama7b: model.compile_scope, the whole stack as one graph or each block on its own")
+    parser.add_argument("--ds-compile", default="none", choices=["none", "torch", "deepcompile"],
+                        help="llama7b --mode full: DeepSpeedEngine.compile() of the whole model, with ZeRO-3's "
+                        "module hooks (torch) or DeepCompile (ZeRO-3's gathers and releases as graph passes)")
+    parser.add_argument("--ds-breakdown", action="store_true", help="llama7b --mode full: print DeepSpeed's "
+                        "wall_clock_breakdown timers of each step (rank 0)")
     parser.add_argument("--peak-tflops", default="measure", help="MFU denominator: 'measure' or TFLOP/s")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny models, 2 steps")
     parser.add_argument("--out", default="")

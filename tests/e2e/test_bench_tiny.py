@@ -16,6 +16,28 @@ def test_train_bench_tiny():
     assert "LoRA dropout 0" in lora["system"] and 0 < lora["trainable_params"]
 
 
+def test_train_bench_zero3_tiny():
+    """llama7b --mode full (DeepSpeed ZeRO-3, one CPU process) with DeepSpeed's per-step timers; in a subprocess, as
+    DeepSpeed's process group and accelerate's state would outlive it in this one."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.e2e.test_train_distributed import free_port
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))  # not a fixed port a parallel test holds
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        env.pop(key, None)
+    done = subprocess.run([sys.executable, str(root / "bench" / "train.py"), "--tiny", "--model", "llama7b", "--mode",
+                           "full", "--ds-breakdown"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout + done.stderr
+    assert "| ours llama7b full | 1 |" in out
+    assert "fwd_microstep" in out and "bwd_microstep" in out and "step_microstep" in out
+
+
 def test_encode_bench_tiny():
     from bench import encode_gpu
 
