@@ -160,14 +160,24 @@ def bench_ours(folder, texts, warm, args, device, workers: int, compile_mode: st
         if workers < 0:  # the model alone: batches tokenised and on the GPU before the clock starts
             for batch in pretokenized[id(part)]:
                 with torch.inference_mode():
-                    nnz += model.encode_batch(batch, is_query=False).to_sparse()._nnz()
+                    reps = model.encode_batch(batch, is_query=False)
+                began = time.perf_counter()
+                nnz += reps.to_sparse()._nnz()
+                host["sync"] += time.perf_counter() - began
             return nnz
         set_transport(transport)
         batches = dict_batches(model, part, args.batch, workers, device) if transport.startswith("dicts") else \
             encode_shard(model, part, False, args.batch, _NoProgress(), workers, pin="pageable" not in transport)
-        for _, reps in batches:
-            nnz += reps.to_sparse()._nnz()
-        return nnz
+        batches = iter(batches)
+        while True:  # per batch: the wait for the next one (its launch included) and the result's synchronisation
+            began = time.perf_counter()
+            item = next(batches, None)
+            waited = time.perf_counter()
+            if item is None:
+                return nnz
+            nnz += item[1].to_sparse()._nnz()
+            host["next"] += waited - began
+            host["sync"] += time.perf_counter() - waited
 
     pretokenized = {}
     if workers < 0:
@@ -180,26 +190,31 @@ def bench_ours(folder, texts, warm, args, device, workers: int, compile_mode: st
 
     # the host time spent in encode_batch: launching the model's kernels (no synchronisation inside on a packed
     # batch); near the time per batch, the host, not the device, sets the pace
-    launch, encode_batch = [0.0, 0], model.encode_batch
+    host, encode_batch = {}, model.encode_batch
 
     def timed(batch, is_query):
         began = time.perf_counter()
         out = encode_batch(batch, is_query)
-        launch[0] += time.perf_counter() - began
-        launch[1] += 1
+        host["launch"] += time.perf_counter() - began
+        host["batches"] += 1
         return out
 
     model.encode_batch = timed
+    host.update(launch=0.0, batches=0, next=0.0, sync=0.0)
     run(warm)
     sync(device)
-    launch[:] = [0.0, 0]
+    host.update(launch=0.0, batches=0, next=0.0, sync=0.0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     began = time.perf_counter()
     nnz = run(texts)
     sync(device)
     seconds = time.perf_counter() - began
-    args.launch_ms, args.batch_ms = 1e3 * launch[0] / launch[1], 1e3 * seconds / launch[1]
+    # per batch on the host (ms): launch (in encode_batch), wait (in the loop's next(), launch excluded: the
+    # DataLoader and the copy to the device) and sync (the consumer's wait for the result); end to end only
+    args.host_ms = {k: 1e3 * host[k] / host["batches"] for k in ("launch", "next", "sync")}
+    args.host_ms.update(wait=args.host_ms.pop("next") - args.host_ms["launch"] if workers >= 0 else float("nan"),
+                        batch=1e3 * seconds / host["batches"])
     lengths = [len(ids) for ids in model.tokenizer(texts)["input_ids"]]
     return seconds, lengths, body_params(model.doc_backbone), nnz / len(texts)
 
@@ -318,8 +333,8 @@ def main(argv=None) -> list[dict]:
         name += ", padded)" if packed == "false" else ")"
         rows.append(dict(base, system=name, seconds=seconds, docs_per_s=args.docs / seconds,
                          tokens_per_s=sum(lengths) / seconds, mfu=flop / seconds / (args.peak_tflops * 1e12),
-                         peak_mem_gib=peak, nnz_mean=nnz, launch_ms_per_batch=args.launch_ms,
-                         ms_per_batch=args.batch_ms,
+                         peak_mem_gib=peak, nnz_mean=nnz,
+                         **{f"{k}_ms_per_batch": v for k, v in args.host_ms.items()},
                          compiled_graphs=torch._dynamo.utils.counters["stats"]["unique_graphs"]))
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -347,8 +362,9 @@ def main(argv=None) -> list[dict]:
             print(f"| {r['model']} | {r['system']} | - | - | - | {r['error']} |")
         else:
             graphs = f", {r['compiled_graphs']} graphs compiled" if r.get("compiled_graphs") else ""
-            graphs += f", launch {r['launch_ms_per_batch']:.1f} of {r['ms_per_batch']:.1f} ms/batch" \
-                if "ms_per_batch" in r else ""
+            if "batch_ms_per_batch" in r:
+                graphs += (f", ms/batch {r['batch_ms_per_batch']:.1f}: launch {r['launch_ms_per_batch']:.1f}, "
+                           f"wait {r['wait_ms_per_batch']:.1f}, sync {r['sync_ms_per_batch']:.1f}")
             print(f"| {r['model']} | {r['system']} | {r['docs_per_s']:.0f} | {r['tokens_per_s']:.0f} | {r['mfu']:.1%} "
                   f"| nnz {r['nnz_mean']:.0f}{graphs} |")
     for r in rows:

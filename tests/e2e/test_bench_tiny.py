@@ -48,6 +48,8 @@ def test_encode_bench_tiny():
     systems = [r["system"] for r in rows]
     assert systems[-1] == "sentence-transformers SparseEncoder.encode" and "error" not in rows[-1]
     assert any("model only" in s for s in systems)
+    for r in rows[:-1]:  # the host's time per batch, split: launching the model, waiting for the batch, syncing
+        assert 0 < r["launch_ms_per_batch"] < r["batch_ms_per_batch"] and r["sync_ms_per_batch"] > 0, r
     assert sum("padded" in s for s in systems) == 4 and sum(r.get("packed") == "true" for r in rows) == 5
     # the same bias shift for every system: the term counts agree
     nnz = [r["nnz_mean"] for r in rows]
