@@ -141,7 +141,7 @@ def set_transport(transport: str) -> None:
 
 
 def bench_ours(folder, texts, warm, args, device, workers: int, compile_mode: str, head: str, packed: str,
-               transport: str = "wire"):
+               transport: str = "wire-fs"):
     mode, _, scope = compile_mode.partition(":")  # e.g. default:layer
     # each variant's model compiles the same block code: without a reset its graphs count towards the previous
     # models' recompile limit (8), and past it torch runs the blocks eagerly without a word on stdout
@@ -219,9 +219,11 @@ def bench_ours(folder, texts, warm, args, device, workers: int, compile_mode: st
     return seconds, lengths, body_params(model.doc_backbone), nnz / len(texts)
 
 
-def bench_host(model, texts, warm, args, device, workers: int) -> float:
+def bench_host(model, texts, warm, args, device, workers: int, transport: str) -> float:
     """encode_shard's host side alone: the tokenizer workers' batches copied to the device, no model run (the
     model, left on the CPU, only tokenises)."""
+    set_transport(transport)
+
     def run(part):
         for _, flat, _ in tokenized_batches(model, part, False, args.batch, workers, device):
             flat.to(device, non_blocking=True)
@@ -311,7 +313,7 @@ def main(argv=None) -> list[dict]:
         tokenizer_only = build_model(ModelConfig(name_or_path=str(folder), dtype="bfloat16"))
         tokens = sum(len(ids) for ids in tokenizer_only.tokenizer(texts)["input_ids"])
     for n in workers if args.host_only else []:
-        seconds = bench_host(tokenizer_only, texts, warm, args, device, n)
+        seconds = bench_host(tokenizer_only, texts, warm, args, device, n, transports[0])
         rows.append({"model": args.model, "docs": args.docs, "batch": args.batch, "system": f"host pipeline alone "
                      f"({n} tokenizer workers, no model)", "seconds": seconds, "docs_per_s": args.docs / seconds,
                      "tokens_per_s": tokens / seconds, "mfu": float("nan"), "nnz_mean": float("nan")})
