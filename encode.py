@@ -147,8 +147,8 @@ def main(argv=None) -> Path:
     logger.info(f"encoding {len(ids)} {'queries' if is_query else 'documents'} with {cfg.model.name_or_path} into "
                 f"{n_shards} shard(s) on {accelerator.num_processes} process(es); this process: {len(mine)} to do",
                 main_process_only=False)
-    if enc.num_workers:  # workers hand batches over by shared-memory file name, not by descriptor: 3-5% more docs/s
-        torch.multiprocessing.set_sharing_strategy("file_system")  # on an H200 (bench/RESULTS.md, host pipeline)
+    if enc.num_workers:  # workers hand batches over by shared-memory file name, not by descriptor: 2.5-3.2% more
+        torch.multiprocessing.set_sharing_strategy("file_system")  # docs/s on an H200 (bench/RESULTS.md, runs Z1, Z3)
     started = time.time()
     progress = tqdm(total=todo, disable=not accelerator.is_main_process, desc="encode", unit="text")
     for shard in mine:
