@@ -11,7 +11,8 @@ positions of feats @ W.T + b)):
   triton: `_max_pool_inference(kernel="triton")`: lsr_core/head_kernel.py on the padded batch, no logits written
   torch:  `_max_pool_inference(kernel="torch")`: float32 logits per vocabulary chunk, masked, max-reduced
   naive:  F.linear (bf16 logits [B, L, V]) + `naive_mlm_pool`, what sentence-transformers' SpladePooling computes
-  packed: the kernel on the texts end to end (packed before the clock starts, as packed encoding has them)
+  packed: the kernel on the texts end to end (packed before the clock starts, as packed encoding has them; the
+          torch path on them without a GPU)
 TFLOP/s counts 2·H·V per real (unpadded) position. Time: median of CUDA-event timings after warm-up (the kernel's
 autotuning happens in the warm-up). Max |difference| of triton and naive against torch is reported.
 """
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lsr_core import head_kernel  # noqa: E402
-from lsr_core.modeling import _max_pool_inference, naive_mlm_pool  # noqa: E402
+from lsr_core.modeling import _max_pool_inference, naive_mlm_pool, pack_batch  # noqa: E402
 
 SHAPES = {"bert-base": (768, 30522, 256, True), "llama1b": (2048, 128256, 64, False)}
 
@@ -43,12 +44,13 @@ def heads():
     }
 
 
-def packed_head(feats, mask):
-    """The kernel on the texts of (feats, mask) put end to end (`model.packed`), packed before the clock starts."""
-    keep = mask.bool()
-    flat = feats[keep][None]
-    return lambda f, w, b, m: _max_pool_inference(flat, w, b, keep.long()[keep][None], 0, kernel="triton",
-                                                  packed=keep)
+def packed_head(feats, mask, kernel: str):
+    """The head on the texts of (feats, mask) put end to end (`model.packed`, `pack_batch`), packed before the clock
+    starts."""
+    packed = pack_batch({"input_ids": mask, "attention_mask": mask, "pool_mask": mask})
+    flat = feats[mask.bool()][None]
+    return lambda f, w, b, m: _max_pool_inference(flat, w, b, packed["pool_mask"][None], 0, kernel=kernel,
+                                                  packed=packed["cu_seq_lens"])
 
 
 def timed(fn, device, warmup, repeats):
@@ -94,9 +96,9 @@ def main(argv=None):
             lengths = torch.randint(int(0.9 * length), length + 1, (batch,), generator=gen)
             mask = (torch.arange(length)[None, :] < lengths[:, None]).long().to(device)
             flop = 2 * hidden * vocab * int(lengths.sum())
-            systems = heads() | {"packed": packed_head(feats, mask)}
+            systems = heads() | {"packed": packed_head(feats, mask, "triton" if triton_ok else "torch")}
             if not triton_ok:
-                systems = {k: v for k, v in systems.items() if k in ("torch", "naive")}
+                del systems["triton"]
             with torch.inference_mode():
                 ref = systems["torch"](feats, weight, bias, mask)
                 for system, head in systems.items():
@@ -107,7 +109,8 @@ def main(argv=None):
                     base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
                     ms = timed(lambda: head(feats, weight, bias, mask), device, args.warmup, args.repeats)
                     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else 0.0
-                    tile = head_kernel._segment_max_matmul.best_config if system in ("triton", "packed") else None
+                    tile = head_kernel._segment_max_matmul.best_config \
+                        if triton_ok and system in ("triton", "packed") else None
                     rows.append({"shape": name, "tile": str(tile) if tile else "", "hidden": hidden, "vocab": vocab,
                                  "batch": batch, "length": length,
                                  "system": system, "ms": ms, "tflops": flop / ms / 1e9, "peak_extra_mib": peak,

@@ -59,9 +59,10 @@ def test_encode_bench_tiny():
 def test_encode_head_bench_tiny():
     from bench import encode_head
 
-    rows = encode_head.main(["--tiny"])  # no GPU: the torch path and the naive head (the kernel needs CUDA)
-    assert [r["system"] for r in rows] == ["torch", "naive"]
+    rows = encode_head.main(["--tiny"])  # no GPU: the torch path, the naive head, the torch path on packed texts
+    assert [r["system"] for r in rows] == ["torch", "naive", "packed"]
     assert rows[1]["max_abs_diff_vs_torch"] < 1e-2 and all(r["ms"] > 0 for r in rows)
+    assert rows[2]["max_abs_diff_vs_torch"] < 1e-2  # a text pooled over a neighbour's span would differ by ~1
 
 
 def test_train_gpu_check_tiny():
