@@ -94,16 +94,21 @@ def from_wire(flat: torch.Tensor, layout: tuple) -> dict:
     return {**{k: part.view(shape).to(dtype) for (k, shape, dtype), part in zip(shapes, parts)}, **others}
 
 
+def length_sorted_groups(texts: list[str], batch_size: int) -> list[list[int]]:
+    """Positions in `texts`, sorted by length and cut into batches (little padding within a batch)."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
 def tokenized_batches(model, texts: list[str], is_query: bool, batch_size: int, workers: int, device,
                       pin: bool = True):
     """(positions in `texts`, tokenized batch on the host as `to_wire` gives it) over length-sorted batches, tokenised
     in `workers` DataLoader workers (0: in this process), into pinned memory for a CUDA `device` (`pin`). Batches
     come packed (`SparseModel.host_batch`) where the model packs on `device`."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    groups = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     pack = model.packs(is_query, device)
     return torch.utils.data.DataLoader(
-        groups, batch_size=None, num_workers=workers, pin_memory=pin and device.type == "cuda",
+        length_sorted_groups(texts, batch_size), batch_size=None, num_workers=workers,
+        pin_memory=pin and device.type == "cuda",
         collate_fn=lambda positions: (positions, *to_wire(model.host_batch([texts[i] for i in positions], is_query,
                                                                            pack))))
 

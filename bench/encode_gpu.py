@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from encode import encode_shard, from_wire, to_wire, tokenized_batches  # noqa: E402
+from encode import encode_shard, from_wire, length_sorted_groups, to_wire, tokenized_batches  # noqa: E402
 from bench.peak import peak_tflops  # noqa: E402
 from bench.train import body_params  # noqa: E402
 from lsr_core.config import ModelConfig  # noqa: E402
@@ -123,10 +123,8 @@ def shift_bias(backbone, shift: float) -> None:
 def dict_batches(model, texts: list[str], batch_size: int, workers: int, device):
     """The host pipeline before `encode.to_wire` (transport "dicts"): each worker hands over a dict of padded
     tensors (one shared-memory segment each) and the device packs them (`pack_batch` there: synchronisations)."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    groups = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     loader = torch.utils.data.DataLoader(
-        groups, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
+        length_sorted_groups(texts, batch_size), batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
         collate_fn=lambda positions: (positions, model.tokenize([texts[i] for i in positions], is_query=False)))
     for positions, batch in loader:
         with torch.inference_mode():
@@ -182,11 +180,10 @@ def bench_ours(folder, texts, warm, args, device, workers: int, compile_mode: st
     pretokenized = {}
     if workers < 0:
         for part in (warm, texts):
-            ordered = sorted(part, key=len)
             pretokenized[id(part)] = [
                 from_wire(flat.to(device), layout) for flat, layout in (
-                    to_wire(model.host_batch(ordered[s:s + args.batch], False, model.packs(False, device)))
-                    for s in range(0, len(ordered), args.batch))]
+                    to_wire(model.host_batch([part[i] for i in group], False, model.packs(False, device)))
+                    for group in length_sorted_groups(part, args.batch))]
 
     # the host time spent in encode_batch: launching the model's kernels (no synchronisation inside on a packed
     # batch); near the time per batch, the host, not the device, sets the pace
