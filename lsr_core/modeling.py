@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
 import json
 import logging
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -663,10 +665,49 @@ class SparseModel(nn.Module):
         return {"input_ids": ids, "attention_mask": attention, "pool_mask": pool}
 
     def host_batch(self, texts: list[str], is_query: bool, pack: bool) -> dict:
-        """`tokenize`, then with `pack` (where `packs` holds for the device that will run it) `pack_batch`: what
-        encode's tokenizer workers hand over, so the device gets the packed texts without a synchronisation."""
+        """`tokenize`, or with `pack` (where `packs` holds for the device that will run it) the texts packed as
+        `pack_batch` gives them: what encode's tokenizer workers hand over, so the device gets the packed texts
+        without a synchronisation. An encoder with a fast tokenizer packs straight from the Rust tokenizer, never
+        padding (`_tokenize_packed`)."""
+        head = self.spec.query_head if is_query else self.spec.doc_head
+        if pack and texts and self.spec.kind == "encoder" and head == "mlm" and hasattr(self.tokenizer,
+                                                                                        "backend_tokenizer"):
+            return self._tokenize_packed(texts, is_query)
         batch = self.tokenize(texts, is_query)
         return pack_batch(batch) if pack else batch
+
+    def _tokenize_packed(self, texts: list[str], is_query: bool) -> dict:
+        """`pack_batch(tokenize(texts))` for an encoder with an MLM head (every real token pooled), without the
+        padded batch in between: the Rust tokenizer's encodings (no offsets) joined end to end. 1.5-1.8x the docs/s
+        of the padded path on a CPU core (bench/tokenize_cpu.py), which is what feeds packed BERT on a GPU."""
+        spec = self.spec
+        max_len = spec.max_query_len if is_query else spec.max_doc_len
+        prefix = spec.query_prefix if is_query else spec.doc_prefix
+        encodings = self._packing_tokenizer(max_len)([prefix + t for t in texts])
+        rows = [e.ids for e in encodings]
+        lengths = torch.tensor([len(r) for r in rows], dtype=torch.int32)
+        ends = lengths.cumsum(0, dtype=torch.int32)
+        total = int(ends[-1])
+        ids = torch.from_numpy(np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=total))
+        starts = (ends - lengths).long().repeat_interleave(lengths.long(), output_size=total)
+        width = _round_up(_round_up(int(lengths.max()), self.pad_multiple), 64)
+        return {"input_ids": ids, "position_ids": torch.arange(total) - starts,
+                "pool_mask": torch.ones(total, dtype=torch.long), "cu_seq_lens": torch.cat([ends.new_zeros(1), ends]),
+                "max_length": width}
+
+    def _packing_tokenizer(self, max_len: int):
+        """The batch encoding function of a copy of the fast tokenizer's Rust backend that truncates as `tokenize`'s
+        call does and never pads (the wrapper's backend is left as it is)."""
+        cache = self.__dict__.setdefault("_packing_tokenizers", {})
+        if max_len not in cache:
+            from tokenizers import Tokenizer
+
+            rust = Tokenizer.from_str(self.tokenizer.backend_tokenizer.to_str())
+            rust.no_padding()
+            rust.enable_truncation(max_len, direction=self.tokenizer.truncation_side)
+            # tokenizers < 0.21 lacks encode_batch_fast: encode_batch gives the same ids, with offsets
+            cache[max_len] = getattr(rust, "encode_batch_fast", rust.encode_batch)
+        return cache[max_len]
 
     def _padding_side(self) -> str:
         # decoders may pad on either side (positions are explicit); shift-right decoding needs right padding
