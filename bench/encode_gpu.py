@@ -27,6 +27,7 @@ peak is the bf16 matmul rate measured at the start of the run (bench/peak.py).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import sys
@@ -42,7 +43,7 @@ from encode import encode_shard, from_wire, length_sorted_groups, to_wire, token
 from bench.peak import peak_tflops  # noqa: E402
 from bench.train import body_params  # noqa: E402
 from lsr_core.config import ModelConfig  # noqa: E402
-from lsr_core.modeling import build_model  # noqa: E402
+from lsr_core.modeling import build_model, pack_batch  # noqa: E402
 
 
 class _NoProgress:
@@ -132,6 +133,13 @@ def dict_batches(model, texts: list[str], batch_size: int, workers: int, device)
                                                 is_query=False)
 
 
+def padded_first_host_batch(model, texts: list[str], is_query: bool, pack: bool) -> dict:
+    """`SparseModel.host_batch` as it was before `_tokenize_packed` (transport "wire-fs-padfirst"): the wrapper
+    pads, then `pack_batch` unpads."""
+    batch = model.tokenize(texts, is_query)
+    return pack_batch(batch) if pack else batch
+
+
 def set_transport(transport: str) -> None:
     """wire / dicts: shared-memory segments passed as file descriptors (torch's default on Linux); wire-fs: by
     file name (torch.multiprocessing's file_system strategy)."""
@@ -139,7 +147,7 @@ def set_transport(transport: str) -> None:
 
 
 def bench_ours(folder, texts, warm, args, device, workers: int, compile_mode: str, head: str, packed: str,
-               transport: str = "wire-fs"):
+               transport: str = "wire-fs", lookahead: int = 1):
     mode, _, scope = compile_mode.partition(":")  # e.g. default:layer
     # each variant's model compiles the same block code: without a reset its graphs count towards the previous
     # models' recompile limit (8), and past it torch runs the blocks eagerly without a word on stdout
@@ -164,8 +172,11 @@ def bench_ours(folder, texts, warm, args, device, workers: int, compile_mode: st
                 host["sync"] += time.perf_counter() - began
             return nnz
         set_transport(transport)
+        if "padfirst" in transport:  # the workers' batches as made before SparseModel._tokenize_packed
+            model.host_batch = functools.partial(padded_first_host_batch, model)
         batches = dict_batches(model, part, args.batch, workers, device) if transport.startswith("dicts") else \
-            encode_shard(model, part, False, args.batch, _NoProgress(), workers, pin="pageable" not in transport)
+            encode_shard(model, part, False, args.batch, _NoProgress(), workers, pin="pageable" not in transport,
+                         lookahead=lookahead)
         batches = iter(batches)
         while True:  # per batch: the wait for the next one (its launch included) and the result's synchronisation
             began = time.perf_counter()
@@ -273,10 +284,13 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--transport", default="wire-fs", help="comma list, how tokenizer workers hand batches over: "
                         "wire-fs (encode.py's: one tensor per batch, packed on the host, shared by file name: "
                         "torch's file_system strategy), wire (the same by file descriptor, torch's default), "
-                        "wire-fs-pageable (wire-fs not pinned), dicts (a tensor per field by descriptor, packed on "
-                        "the device: the pipeline before encode.to_wire)")
+                        "wire-fs-pageable (wire-fs not pinned), wire-fs-padfirst (wire-fs, the workers packing "
+                        "the padded batch: before SparseModel._tokenize_packed), dicts (a tensor per field by "
+                        "descriptor, packed on the device: the pipeline before encode.to_wire)")
     parser.add_argument("--threads", default="0", help="comma list of the main process's torch CPU threads to time "
                         "end to end with (torch.set_num_threads; 0 = torch's default, one per core)")
+    parser.add_argument("--lookahead", default="1", help="comma list of encode_shard's lookahead to time end to end "
+                        "with (batches queued on the GPU before one is handed to the caller; 0: none)")
     parser.add_argument("--model-only", action="store_true", help="also time the model alone on batches tokenised "
                         "before the clock starts (the host pipeline's ceiling)")
     parser.add_argument("--target-nnz", type=int, default=150, help="shift the output bias to ~this many terms per "
@@ -302,9 +316,11 @@ def main(argv=None) -> list[dict]:
     workers = [int(n) for n in args.workers.split(",")]
     transports = args.transport.split(",")
     threads = [int(n) for n in args.threads.split(",")]
-    variants = [(0, "none", heads[0], packs[0], transports[0], threads[0])]
-    variants += [(n, *v, transport, t) for n in workers for v in grid for transport in transports for t in threads]
-    variants += [(-1, *v, transports[0], threads[0]) for v in grid] if args.model_only else []
+    lookaheads = [int(n) for n in args.lookahead.split(",")]
+    variants = [(0, "none", heads[0], packs[0], transports[0], threads[0], lookaheads[0])]
+    variants += [(n, *v, transport, t, ahead) for n in workers for v in grid for transport in transports
+                 for t in threads for ahead in lookaheads]
+    variants += [(-1, *v, transports[0], threads[0], 0) for v in grid] if args.model_only else []
     default_threads = torch.get_num_threads()
     if args.host_only:
         tokenizer_only = build_model(ModelConfig(name_or_path=str(folder), dtype="bfloat16"))
@@ -314,21 +330,22 @@ def main(argv=None) -> list[dict]:
         rows.append({"model": args.model, "docs": args.docs, "batch": args.batch, "system": f"host pipeline alone "
                      f"({n} tokenizer workers, no model)", "seconds": seconds, "docs_per_s": args.docs / seconds,
                      "tokens_per_s": tokens / seconds, "mfu": float("nan"), "nnz_mean": float("nan")})
-    for workers, compile_mode, head, packed, transport, n_threads in variants:
+    for workers, compile_mode, head, packed, transport, n_threads, lookahead in variants:
         torch.set_num_threads(n_threads or default_threads)
         seconds, lengths, n_params, nnz = bench_ours(folder, texts, warm, args, device, workers, compile_mode, head,
-                                                     packed, transport)
+                                                     packed, transport, lookahead)
         flop = encode_flops(cfg, n_params, lengths)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
         base = {"model": args.model, "docs": args.docs, "batch": args.batch, "mean_tokens": sum(lengths) / len(lengths),
                 "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "bias_shift": args.shift,
                 "peak_tflops": args.peak_tflops, "head_kernel": head, "packed": packed, "transport": transport,
-                "main_threads": torch.get_num_threads()}
+                "main_threads": torch.get_num_threads(), "lookahead": lookahead if workers >= 0 else None}
         name = f"ours ({workers} tokenizer workers" if workers >= 0 else "ours (model only: pre-tokenised batches"
         name += f", torch.compile {compile_mode}" if compile_mode != "none" else ""
         name += f", head {head}" if head != "auto" else ""
         name += f", transport {transport}" if workers > 0 and len(transports) > 1 else ""
         name += f", {torch.get_num_threads()} main threads" if workers > 0 and len(threads) > 1 else ""
+        name += f", lookahead {lookahead}" if workers >= 0 and len(lookaheads) > 1 else ""
         name += ", padded)" if packed == "false" else ")"
         rows.append(dict(base, system=name, seconds=seconds, docs_per_s=args.docs / seconds,
                          tokens_per_s=sum(lengths) / seconds, mfu=flop / seconds / (args.peak_tflops * 1e12),

@@ -1,5 +1,7 @@
 """Tokenisation throughput on the CPU, one process: `SparseModel.tokenize` (the tokenizer pads, masks on whole
-tensors) against the row-by-row path it replaced (`_tokenize_rows`, kept for echo) and the tokenizer call alone.
+tensors) against the row-by-row path it replaced (`_tokenize_rows`, kept for echo) and the tokenizer call alone; for
+the encoder also a packing model's worker batch (`host_batch(..., pack=True)` + `to_wire`: straight from the Rust
+tokenizer) against packing the padded batch (`pack_batch(tokenize(...))`, before).
 
     python bench/tokenize_cpu.py --docs 8192 --out $OUT/tokenize_cpu.jsonl
 
@@ -21,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.encode_gpu import make_texts  # noqa: E402
 from lsr_core.config import ModelConfig  # noqa: E402
-from lsr_core.modeling import build_model  # noqa: E402
+from encode import to_wire  # noqa: E402
+from lsr_core.modeling import build_model, pack_batch  # noqa: E402
 from tests.tiny import make_model  # noqa: E402
 
 
@@ -58,17 +61,22 @@ def main(argv=None) -> list[dict]:
                    "row by row (before)": lambda b: model._tokenize_rows(b, is_query=False),
                    "tokenizer call alone": lambda b: tok(b, truncation=True, max_length=256,
                                                          return_special_tokens_mask=True)}
+        if kind == "encoder":  # a packing encoder's worker: the batch packed and made one tensor (encode.py's job)
+            systems.update({
+                "packed, padded first (before)": lambda b: to_wire(pack_batch(model.tokenize(b, is_query=False))),
+                "packed from the Rust tokenizer": lambda b: to_wire(model.host_batch(b, is_query=False, pack=True))})
         rates = {name: best_rate(fn, batches, len(texts), args.repeats) for name, fn in systems.items()}
         for name, rate in rates.items():
+            before = "packed, padded first (before)" if name.startswith("packed") else "row by row (before)"
             rows.append({"kind": kind, "system": name, "docs": args.docs, "batch": args.batch, "docs_per_s": rate,
-                         "vs_row_by_row": rate / rates["row by row (before)"]})
+                         "vs_before": rate / rates[before]})
     if args.out:
         with open(args.out, "a") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
-    print("| tokenizer | system | docs/s | vs row by row |\n|---|---|---:|---:|")
+    print("| tokenizer | system | docs/s | vs before |\n|---|---|---:|---:|")
     for r in rows:
-        print(f"| {r['kind']} | {r['system']} | {r['docs_per_s']:.0f} | {r['vs_row_by_row']:.2f}x |")
+        print(f"| {r['kind']} | {r['system']} | {r['docs_per_s']:.0f} | {r['vs_before']:.2f}x |")
     return rows
 
 

@@ -42,7 +42,7 @@ def test_encode_bench_tiny():
     from bench import encode_gpu
 
     rows = encode_gpu.main(["--tiny", "--workers", "0", "--model-only", "--heads", "auto,torch",
-                            "--packed", "true,false", "--host-only"])
+                            "--packed", "true,false", "--host-only", "--transport", "wire-fs,wire-fs-padfirst"])
     host = rows.pop(0)  # the host pipeline alone comes first: no model, no terms
     assert host["system"] == "host pipeline alone (0 tokenizer workers, no model)" and host["docs_per_s"] > 0
     systems = [r["system"] for r in rows]
@@ -50,7 +50,8 @@ def test_encode_bench_tiny():
     assert any("model only" in s for s in systems)
     for r in rows[:-1]:  # the host's time per batch, split: launching the model, waiting for the batch, syncing
         assert 0 < r["launch_ms_per_batch"] < r["batch_ms_per_batch"] and r["sync_ms_per_batch"] > 0, r
-    assert sum("padded" in s for s in systems) == 4 and sum(r.get("packed") == "true" for r in rows) == 5
+    assert sum("padded" in s for s in systems) == 6 and sum(r.get("packed") == "true" for r in rows) == 7
+    assert sum(r.get("transport") == "wire-fs-padfirst" for r in rows) == 4
     # the same bias shift for every system: the term counts agree
     nnz = [r["nnz_mean"] for r in rows]
     assert max(nnz) - min(nnz) < 0.1 * max(nnz), nnz
@@ -82,4 +83,5 @@ def test_tokenize_bench_tiny():
     rows = tokenize_cpu.main(["--tiny"])
     assert [(r["kind"], r["system"]) for r in rows][:3] == [
         ("encoder", "tokenize (tensor masks)"), ("encoder", "row by row (before)"), ("encoder", "tokenizer call alone")]
-    assert len(rows) == 6 and all(r["docs_per_s"] > 0 for r in rows)
+    assert [r["system"] for r in rows[3:5]] == ["packed, padded first (before)", "packed from the Rust tokenizer"]
+    assert len(rows) == 8 and all(r["docs_per_s"] > 0 for r in rows)
