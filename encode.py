@@ -16,6 +16,8 @@ length-sorted batches to avoid padding waste, then written in input order.
 """
 from __future__ import annotations
 
+import collections
+import functools
 import logging
 import math
 import sys
@@ -114,15 +116,45 @@ def tokenized_batches(model, texts: list[str], is_query: bool, batch_size: int, 
 
 
 def encode_shard(model, texts: list[str], is_query: bool, batch_size: int, progress, workers: int = 0,
-                 pin: bool = True):
+                 pin: bool = True, lookahead: int = 1):
     """Yield (positions in `texts`, reps [b, V]) over length-sorted batches; the caller prunes each batch at once,
     so memory stays flat. With `workers` > 0 the tokenizer runs in DataLoader workers into pinned memory (`pin`), so
-    a GPU does not wait for it (measured 3.3-3.7x docs/s on an H200, bench/RESULTS.md)."""
+    a GPU does not wait for it (measured 3.3-3.7x docs/s on an H200, bench/RESULTS.md).
+
+    The model of the next `lookahead` batches is queued before a batch is yielded, so a GPU keeps working while the
+    caller waits for that batch's result and this process takes the next batch from the workers. On CUDA the caller
+    runs on a side stream while it holds a batch: on the model's stream its work would queue behind the batches
+    ahead, and waiting for its result would mean waiting for them too."""
     device = next(model.parameters()).device
+    side = _side_stream(device) if device.type == "cuda" and lookahead else None
+    queued = collections.deque()
     for positions, flat, layout in tokenized_batches(model, texts, is_query, batch_size, workers, device, pin):
         with torch.inference_mode():
             reps = model.encode_batch(from_wire(flat.to(device, non_blocking=True), layout), is_query)
-        progress.update(len(positions))
+        queued.append((positions, reps, torch.cuda.current_stream(device).record_event() if side else None))
+        while len(queued) > lookahead:
+            yield from _hand_over(*queued.popleft(), side, progress)
+    while queued:
+        yield from _hand_over(*queued.popleft(), side, progress)
+
+
+@functools.cache
+def _side_stream(device: torch.device):
+    """One side stream per device for every encode_shard call: the caching allocator keeps a pool per stream, and
+    while the pool of a new stream grows, each cudaMalloc makes the device finish the work queued before it (CUDA's
+    implicit synchronisation), so a first hand-over on a new stream would wait for the batches ahead."""
+    return torch.cuda.Stream(device)
+
+
+def _hand_over(positions, reps, done, side, progress):
+    """encode_shard's yield of one batch: on `side` (a CUDA stream, or None) once the batch is `done` there."""
+    progress.update(len(positions))
+    if side is None:
+        yield positions, reps
+        return
+    side.wait_event(done)
+    reps.record_stream(side)  # its memory is not reused before the caller's work on `side` is done
+    with torch.cuda.stream(side):
         yield positions, reps
 
 

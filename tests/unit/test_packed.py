@@ -92,6 +92,79 @@ def test_texts_packed_on_the_host_give_the_padded_vectors(tiny, packed_calls, wo
     torch.testing.assert_close(rows, padded, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("lookahead", [0, 1, 2])
+def test_encode_shard_queues_the_next_batches_before_yielding_one(tiny, lookahead):
+    """With `lookahead` n, when the caller gets a batch the model has already been given the next n (a GPU works on
+    them while the caller syncs on the first), and every batch still comes once, in order, with the padded vectors."""
+    from encode import encode_shard
+
+    _, padded = encode(tiny["bert"], TEXTS, packed="false")
+    model = build_model(ModelConfig(name_or_path=tiny["bert"], packed="true")).eval()
+    calls, original = [], model.encode_batch
+    model.encode_batch = lambda batch, is_query: calls.append(1) or original(batch, is_query)
+    progress, seen, rows = _Count(), [], torch.zeros_like(padded)
+    for positions, reps in encode_shard(model, TEXTS, False, 2, progress, lookahead=lookahead):
+        seen.append((len(calls), progress.n))
+        rows[positions] = reps
+    # three batches (2 + 2 + 1 texts); progress counts the batches handed out
+    assert seen == [(min(1 + lookahead + i, 3), min(2 * (i + 1), 5)) for i in range(3)]
+    torch.testing.assert_close(rows, padded, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_callers_work_on_a_batch_does_not_wait_for_the_batches_queued_after_it(tiny):
+    """encode_shard hands each batch over on a side stream: the caller's work on batch 0 (here a sum, then a wait for
+    it) finishes while batch 1, queued ahead on the model's stream with a long sleep in it, is still running."""
+    from encode import encode_shard
+
+    model = build_model(ModelConfig(name_or_path=tiny["bert"], dtype="bfloat16")).eval().to("cuda")
+    for _, reps in encode_shard(model, TEXTS, False, 2, _Count(), lookahead=1):
+        # warm-up: the head kernel's autotuning synchronises on each new shape, and so does each cudaMalloc while
+        # the side stream's memory pool grows (a first run on the H200 gave [False, True, False] below)
+        reps.sum().item()
+    original, main = model.encode_batch, torch.cuda.current_stream()
+
+    def slow(batch, is_query):
+        reps = original(batch, is_query)
+        torch.cuda._sleep(2 * 10**8)  # ~0.1 s of GPU clock cycles after each batch
+        return reps
+
+    model.encode_batch = slow
+    running = []
+    for positions, reps in encode_shard(model, TEXTS, False, 2, _Count(), lookahead=1):
+        assert torch.cuda.current_stream() != main
+        reps.sum().item()  # synchronises the side stream only
+        running.append(not main.query())
+    assert running == [True, True, False]  # batches 1 and 2 were still running when 0 and 1 were done
+
+
+@pytest.mark.parametrize("arch", list(PACKED_POSITION_OFFSET) + ["splade-tiny"])
+def test_packing_from_the_rust_tokenizer_equals_packing_the_padded_batch(tiny, arch):
+    """host_batch packs an encoder's texts straight from the Rust tokenizer; field for field it is pack_batch of the
+    padded `tokenize`: documents cut at max_doc_len, queries with their prefix, widths rounded as configured, on the
+    word-level test tokenizers and on the real SPLADE-tiny's WordPiece one (lower-casing, sub-words)."""
+    if arch == "splade-tiny":
+        from tests.unit.test_modeling import splade_tiny_folder
+
+        folder = str(splade_tiny_folder())
+    else:
+        folder = tiny[arch]
+    model = build_model(ModelConfig(name_or_path=folder, packed="true", pad_to_multiple=8, max_doc_len=16,
+                                    query_prefix="query: ")).eval()
+    texts = TEXTS + ["Astronomers' Observations of Jupiter's moons, 1610", ""]
+    for is_query in (False, True):
+        before = model.tokenizer.backend_tokenizer.truncation
+        fast = model.host_batch(texts, is_query, pack=True)
+        assert model.tokenizer.backend_tokenizer.truncation == before  # the wrapper's backend is left as it is
+        slow = modeling.pack_batch(model.tokenize(texts, is_query))
+        assert fast.keys() == slow.keys() and fast["max_length"] == slow["max_length"]
+        for key in ("input_ids", "position_ids", "pool_mask", "cu_seq_lens"):
+            assert fast[key].dtype == slow[key].dtype and torch.equal(fast[key], slow[key]), (arch, is_query, key)
+        if not is_query:
+            assert int(fast["position_ids"].max()) == 15  # the long texts were cut at 16 tokens
+
+
 def test_a_packed_batch_for_a_model_that_does_not_pack_is_refused(tiny):
     model = build_model(ModelConfig(name_or_path=tiny["bert"], packed="true")).eval()
     batch = model.host_batch(TEXTS, is_query=False, pack=True)
