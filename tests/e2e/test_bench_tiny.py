@@ -1,6 +1,7 @@
 """The benchmarks' CPU smoke runs (`--tiny`): every system of bench/train.py, bench/encode_gpu.py,
-bench/encode_head.py and bench/tokenize_cpu.py (and bench/train_gpu_check.py's QLoRA variant) runs on tiny models and
-reports its row, so a change in lsr_core that breaks a benchmark is caught here, not on a lent GPU."""
+bench/encode_head.py, bench/tokenize_cpu.py and bench/vectors_cpu.py (and bench/train_gpu_check.py's QLoRA variant)
+runs on tiny models and reports its row, so a change in lsr_core that breaks a benchmark is caught here, not on a
+lent GPU."""
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -85,3 +86,11 @@ def test_tokenize_bench_tiny():
         ("encoder", "tokenize (tensor masks)"), ("encoder", "row by row (before)"), ("encoder", "tokenizer call alone")]
     assert [r["system"] for r in rows[3:5]] == ["packed, padded first (before)", "packed from the Rust tokenizer"]
     assert len(rows) == 8 and all(r["docs_per_s"] > 0 for r in rows)
+
+
+def test_vectors_bench_tiny():
+    from bench import vectors_cpu
+
+    rows = vectors_cpu.main(["--tiny"])
+    assert [r["system"].split(":")[0].split(",")[0] for r in rows] == ["prune", "prune"] + ["to_vector"] * 4
+    assert rows[1]["columns"] < rows[0]["columns"] and all(r["ms_per_batch"] > 0 for r in rows)
