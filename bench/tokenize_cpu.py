@@ -21,10 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.encode_gpu import make_texts  # noqa: E402
+from bench.encode_gpu import make_texts, padded_first_host_batch  # noqa: E402
 from lsr_core.config import ModelConfig  # noqa: E402
 from encode import to_wire  # noqa: E402
-from lsr_core.modeling import build_model, pack_batch  # noqa: E402
+from lsr_core.modeling import build_model  # noqa: E402
 from tests.tiny import make_model  # noqa: E402
 
 
@@ -63,7 +63,7 @@ def main(argv=None) -> list[dict]:
                                                          return_special_tokens_mask=True)}
         if kind == "encoder":  # a packing encoder's worker: the batch packed and made one tensor (encode.py's job)
             systems.update({
-                "packed, padded first (before)": lambda b: to_wire(pack_batch(model.tokenize(b, is_query=False))),
+                "packed, padded first (before)": lambda b: to_wire(padded_first_host_batch(model, b, False, True)),
                 "packed from the Rust tokenizer": lambda b: to_wire(model.host_batch(b, is_query=False, pack=True))})
         rates = {name: best_rate(fn, batches, len(texts), args.repeats) for name, fn in systems.items()}
         for name, rate in rates.items():
