@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lsr_core.sparse import prune, to_vector  # noqa: E402
+from lsr_core.sparse import kept_columns, prune, to_vector  # noqa: E402
 
 
 def vectors_before(token_ids, weights, vocab, scale):
@@ -62,12 +62,12 @@ def main(argv=None) -> list[dict]:
     values, ids = reps.sort(dim=1, descending=True)
     keep = values > 0
     full = [t.numpy() for t in (values, ids, keep)]
-    last = int(keep.any(0).cumsum(0).argmax())
-    prefix = [t[:, :last + 1].numpy() for t in (values, ids, keep)]
+    columns = kept_columns(keep)
+    prefix = [t[:, :columns].numpy() for t in (values, ids, keep)]
     rows = [{"system": "prune, host side: all columns (before)", "columns": args.vocab,
              "ms_per_batch": best_ms(lambda: [(full[1][i][full[2][i]], full[0][i][full[2][i]])
                                               for i in range(args.batch)], args.repeats)},
-            {"system": "prune, host side: kept prefix (now)", "columns": last + 1,
+            {"system": "prune, host side: kept prefix (now)", "columns": columns,
              "ms_per_batch": best_ms(lambda: [(prefix[1][i][prefix[2][i]], prefix[0][i][prefix[2][i]])
                                               for i in range(args.batch)], args.repeats)}]
     for row in rows:

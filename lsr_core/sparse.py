@@ -38,11 +38,17 @@ def prune(reps: torch.Tensor, topk: int = 0, threshold: float = 0.0):
     else:
         values, ids = reps.sort(dim=1, descending=True)
     keep = values > threshold
-    # only the columns up to the last kept weight of any row leave the device (a prefix: rows are sorted), not
-    # [batch, vocab]: ~100 MB per 256 documents at BERT's vocabulary
-    last = int(keep.any(0).cumsum(0).argmax()) if keep.numel() else -1
-    values, ids, keep = (t[:, :last + 1].cpu().numpy() for t in (values, ids, keep))
+    # only the columns up to the last kept weight of any row leave the device, not [batch, vocab]: ~100 MB per 256
+    # documents at BERT's vocabulary
+    columns = kept_columns(keep)
+    values, ids, keep = (t[:, :columns].cpu().numpy() for t in (values, ids, keep))
     return [(ids[i][keep[i]], values[i][keep[i]]) for i in range(reps.shape[0])]
+
+
+def kept_columns(keep: torch.Tensor) -> int:
+    """How many leading columns of `keep` [batch, n] hold every True (with rows sorted by weight, the kept ones are
+    a prefix; any pattern is covered)."""
+    return int(keep.any(0).cumsum(0).argmax()) + 1 if keep.numel() else 0
 
 
 def quantize(weights: np.ndarray, scale: float) -> list:
