@@ -13,6 +13,8 @@ positions of feats @ W.T + b)):
   naive:  F.linear (bf16 logits [B, L, V]) + `naive_mlm_pool`, what sentence-transformers' SpladePooling computes
   packed: the kernel on the texts end to end (packed before the clock starts, as packed encoding has them; the
           torch path on them without a GPU)
+--tiles: also each kernel configuration alone on the packed texts ("configs": the autotuner's list, or
+BVxBTxBHxWARPSxSTAGESxGROUPxPER_SM items separated by ';'), each checked against the autotuned kernel's output.
 TFLOP/s counts 2·H·V per real (unpadded) position. Time: median of CUDA-event timings after warm-up (the kernel's
 autotuning happens in the warm-up). Max |difference| of triton and naive against torch is reported.
 """
@@ -53,6 +55,33 @@ def packed_head(feats, mask, kernel: str):
                                                   packed=packed["cu_seq_lens"])
 
 
+def parse_tiles(spec: str) -> list[tuple]:
+    tiles = []
+    for item in filter(None, spec.split(";")):
+        tiles += head_kernel._SEGMENT_TILES if item == "configs" else [tuple(int(n) for n in item.split("x"))]
+    return tiles
+
+
+def time_tiles(tiles, feats, weight, mask, flop, args, device, base: dict) -> list[dict]:
+    """Each configuration of the kernel alone on the packed texts; its output against the autotuned kernel's."""
+    owners = torch.where(mask.bool(), torch.arange(mask.shape[0], device=device)[:, None], -1).reshape(-1)
+    flat, owners = feats.reshape(-1, feats.shape[-1])[owners >= 0], owners[owners >= 0].to(torch.int32)
+    ref = head_kernel.segment_max_matmul(flat, weight, owners, mask.shape[0])
+    rows = []
+    for tile in tiles:
+        row = dict(base, system="packed, one tile", tile="x".join(map(str, tile)), device=torch.cuda.get_device_name())
+        try:
+            got = head_kernel.segment_max_matmul(flat, weight, owners, mask.shape[0], tile)
+        except Exception as err:  # a configuration that does not compile (shared memory, registers) is reported
+            rows.append(dict(row, error=f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"))
+            continue
+        ms = timed(lambda: head_kernel.segment_max_matmul(flat, weight, owners, mask.shape[0], tile), device,
+                   args.warmup, args.repeats)
+        rows.append(dict(row, ms=ms, tflops=flop / ms / 1e9, peak_extra_mib=float("nan"),
+                         max_abs_diff_vs_autotuned=(got - ref).abs().max().item()))
+    return rows
+
+
 def timed(fn, device, warmup, repeats):
     for _ in range(warmup):
         fn()
@@ -78,6 +107,8 @@ def main(argv=None):
     parser.add_argument("--lengths", default="32,160,256", help="positions per batch (queries ~32, documents)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--tiles", default="", help="also time these kernel configurations alone, packed: 'configs' "
+                        "(the autotuner's) and/or BVxBTxBHxWARPSxSTAGESxGROUPxPER_SM, ';'-separated")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
@@ -116,21 +147,29 @@ def main(argv=None):
                                  "system": system, "ms": ms, "tflops": flop / ms / 1e9, "peak_extra_mib": peak,
                                  "max_abs_diff_vs_torch": diff,
                                  "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"})
+                if triton_ok:
+                    rows += time_tiles(parse_tiles(args.tiles), feats, weight, mask, flop, args, device,
+                                       dict(shape=name, hidden=hidden, vocab=vocab, batch=batch, length=length))
             del feats, weight, bias, mask, ref
     for r in rows:
         base = next(x for x in rows
                     if x["shape"] == r["shape"] and x["length"] == r["length"] and x["system"] == "torch")
-        r["speedup_vs_torch"] = base["ms"] / r["ms"]
+        r["speedup_vs_torch"] = base["ms"] / r["ms"] if "ms" in r else float("nan")
     if args.out:
         with open(args.out, "a") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
-    print("| shape | B x L | system | ms | TFLOP/s | extra MiB | vs torch | max abs diff | tile |")
+    print("| shape | B x L | system | ms | TFLOP/s | extra MiB | vs torch | max abs diff (one tile: vs autotuned) "
+          "| tile |")
     print("|---|---|---|---:|---:|---:|---:|---:|---|")
     for r in rows:
+        if "error" in r:
+            print(f"| {r['shape']} | {r['batch']} x {r['length']} | {r['system']} | {r['error']} | | | | | "
+                  f"{r['tile']} |")
+            continue
+        diff = r.get("max_abs_diff_vs_torch", r.get("max_abs_diff_vs_autotuned"))
         print(f"| {r['shape']} | {r['batch']} x {r['length']} | {r['system']} | {r['ms']:.2f} | {r['tflops']:.0f} "
-              f"| {r['peak_extra_mib']:.0f} | {r['speedup_vs_torch']:.2f}x | {r['max_abs_diff_vs_torch']:.1e} "
-              f"| {r['tile']} |")
+              f"| {r['peak_extra_mib']:.0f} | {r['speedup_vs_torch']:.2f}x | {diff:.1e} | {r['tile']} |")
     return rows
 
 

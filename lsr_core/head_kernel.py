@@ -56,59 +56,85 @@ def check_runnable(feats: torch.Tensor) -> None:
 
 
 if triton is not None:
-    # (BLOCK_V, BLOCK_T, BLOCK_H, warps, stages, GROUP_T): vocabulary rows on the MMA's M side, token columns on its N
-    # side; GROUP_T token tiles sweep the vocabulary together, so their hidden states stay in L2
-    _SEGMENT_TILES = [(128, 128, 64, 8, 3, 8), (256, 128, 64, 8, 3, 8), (128, 256, 64, 8, 3, 8),
-                      (128, 128, 64, 4, 4, 8), (256, 128, 64, 8, 3, 32), (128, 64, 64, 4, 4, 8),
-                      (64, 64, 64, 4, 4, 8), (256, 64, 64, 8, 3, 8), (128, 256, 64, 8, 4, 8),
-                      (128, 256, 128, 8, 2, 8), (128, 256, 64, 8, 3, 32)]
-    _SEGMENT_CONFIGS = [triton.Config({"BLOCK_V": bv, "BLOCK_T": bt, "BLOCK_H": bh, "GROUP_T": g}, num_warps=w,
-                                      num_stages=s) for bv, bt, bh, w, s, g in _SEGMENT_TILES]
+    # (BLOCK_V, BLOCK_T, BLOCK_H, warps, stages, GROUP_T, PER_SM): vocabulary rows on the MMA's M side, token columns
+    # on its N side; GROUP_T token tiles sweep the vocabulary together, so their hidden states stay in L2. PER_SM 0:
+    # one program per tile; k > 0: k programs per SM loop over the tiles (persistent), the loop flattened so the
+    # next tile's loads are issued during this tile's epilogue (H is short: 12 steps of 64 for BERT-base)
+    _SEGMENT_TILES = [(128, 128, 64, 8, 3, 8, 0), (256, 128, 64, 8, 3, 8, 0), (128, 256, 64, 8, 3, 8, 0),
+                      (128, 128, 64, 4, 4, 8, 0), (256, 128, 64, 8, 3, 32, 0), (128, 64, 64, 4, 4, 8, 0),
+                      (64, 64, 64, 4, 4, 8, 0), (256, 64, 64, 8, 3, 8, 0), (128, 256, 64, 8, 4, 8, 0),
+                      (128, 256, 128, 8, 2, 8, 0), (128, 256, 64, 8, 3, 32, 0), (128, 256, 64, 8, 4, 8, 1),
+                      (128, 256, 64, 8, 3, 8, 1), (256, 128, 64, 8, 3, 8, 1)]
+    _SEGMENT_CONFIGS = [triton.Config({"BLOCK_V": bv, "BLOCK_T": bt, "BLOCK_H": bh, "GROUP_T": g, "PER_SM": k},
+                                      num_warps=w, num_stages=s) for bv, bt, bh, w, s, g, k in _SEGMENT_TILES]
     if INTERPRET:
-        _SEGMENT_CONFIGS = [triton.Config({"BLOCK_V": 32, "BLOCK_T": 16, "BLOCK_H": 16, "GROUP_T": 2})]
+        _SEGMENT_CONFIGS = [triton.Config({"BLOCK_V": 32, "BLOCK_T": 16, "BLOCK_H": 16, "GROUP_T": 2, "PER_SM": 0})]
+
+    @triton.jit
+    def _tile_products(feats, weight, offs_t, offs_v, in_t, in_v, H, s_ft, s_fh, s_wv, s_wh,
+                       BLOCK_V: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, EVEN_H: tl.constexpr):
+        """[BLOCK_V, BLOCK_T] float32: weight[offs_v] @ feats[offs_t].T"""
+        offs_h = tl.arange(0, BLOCK_H)
+        acc = tl.zeros([BLOCK_V, BLOCK_T], dtype=tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            w_ptr = weight + offs_v[:, None] * s_wv + (h0 + offs_h)[None, :] * s_wh
+            a_ptr = feats + offs_t[None, :] * s_ft + (h0 + offs_h)[:, None] * s_fh
+            if EVEN_H:
+                w = tl.load(w_ptr, mask=in_v[:, None], other=0.0)
+                a = tl.load(a_ptr, mask=in_t[None, :], other=0.0)
+            else:
+                in_h = (h0 + offs_h) < H
+                w = tl.load(w_ptr, mask=in_v[:, None] & in_h[None, :], other=0.0)
+                a = tl.load(a_ptr, mask=in_h[:, None] & in_t[None, :], other=0.0)
+            acc = tl.dot(w, a, acc)
+        return acc
+
+    @triton.jit
+    def _merge_max(acc, owner, last, out, offs_v, in_v, V):
+        """Texts are contiguous runs of columns: one masked max and one atomic max per text in the tile (none when
+        the tile pools no position, last = -1)."""
+        for b in range(tl.min(tl.where(owner >= 0, owner, last), axis=0), last + 1):
+            best = tl.max(tl.where((owner == b)[None, :], acc, float("-inf")), axis=1)
+            tl.atomic_max(out + b * V + offs_v, best, mask=in_v & (b >= 0), sem="relaxed")
 
     @triton.autotune(configs=_SEGMENT_CONFIGS, key=["H", "V", "T_BUCKET"])
     @triton.heuristics({"EVEN_H": lambda args: args["H"] % args["BLOCK_H"] == 0})
     @triton.jit
     def _segment_max_matmul(feats, weight, text, out, T, H, V, T_BUCKET, s_ft, s_fh, s_wv, s_wh,
                             BLOCK_V: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-                            GROUP_T: tl.constexpr, EVEN_H: tl.constexpr):
-        pid = tl.program_id(0)
+                            GROUP_T: tl.constexpr, PER_SM: tl.constexpr, EVEN_H: tl.constexpr):
         n_t = tl.cdiv(T, BLOCK_T)
         per_group = GROUP_T * tl.cdiv(V, BLOCK_V)
-        first = (pid // per_group) * GROUP_T
-        rows = tl.minimum(n_t - first, GROUP_T)
-        offs_t = (first + (pid % per_group) % rows) * BLOCK_T + tl.arange(0, BLOCK_T)
-        offs_v = ((pid % per_group) // rows) * BLOCK_V + tl.arange(0, BLOCK_V)
-        in_t = offs_t < T
-        in_v = offs_v < V
-        owner = tl.load(text + offs_t, mask=in_t, other=-1)
-        last = tl.max(owner, axis=0)
-        if last >= 0:  # a tile of unpooled positions only (padding, echo's first copy) computes nothing
-            offs_h = tl.arange(0, BLOCK_H)
-            acc = tl.zeros([BLOCK_V, BLOCK_T], dtype=tl.float32)
-            for h0 in range(0, H, BLOCK_H):
-                w_ptr = weight + offs_v[:, None] * s_wv + (h0 + offs_h)[None, :] * s_wh
-                a_ptr = feats + offs_t[None, :] * s_ft + (h0 + offs_h)[:, None] * s_fh
-                if EVEN_H:
-                    w = tl.load(w_ptr, mask=in_v[:, None], other=0.0)
-                    a = tl.load(a_ptr, mask=in_t[None, :], other=0.0)
-                else:
-                    in_h = (h0 + offs_h) < H
-                    w = tl.load(w_ptr, mask=in_v[:, None] & in_h[None, :], other=0.0)
-                    a = tl.load(a_ptr, mask=in_h[:, None] & in_t[None, :], other=0.0)
-                acc = tl.dot(w, a, acc)
-            # texts are contiguous runs of columns: one masked max and one atomic max per text in the tile
-            for b in range(tl.min(tl.where(owner >= 0, owner, last), axis=0), last + 1):
-                best = tl.max(tl.where((owner == b)[None, :], acc, float("-inf")), axis=1)
-                tl.atomic_max(out + b * V + offs_v, best, mask=in_v, sem="relaxed")
+        for tile in tl.range(tl.program_id(0), n_t * tl.cdiv(V, BLOCK_V), tl.num_programs(0), flatten=PER_SM > 0):
+            first = (tile // per_group) * GROUP_T
+            rows = tl.minimum(n_t - first, GROUP_T)
+            offs_t = (first + (tile % per_group) % rows) * BLOCK_T + tl.arange(0, BLOCK_T)
+            offs_v = ((tile % per_group) // rows) * BLOCK_V + tl.arange(0, BLOCK_V)
+            in_t = offs_t < T
+            in_v = offs_v < V
+            owner = tl.load(text + offs_t, mask=in_t, other=-1)
+            last = tl.max(owner, axis=0)
+            if PER_SM > 0:  # flattening needs the products unconditional
+                acc = _tile_products(feats, weight, offs_t, offs_v, in_t, in_v, H, s_ft, s_fh, s_wv, s_wh,
+                                     BLOCK_V, BLOCK_T, BLOCK_H, EVEN_H)
+                _merge_max(acc, owner, last, out, offs_v, in_v, V)
+            elif last >= 0:  # a tile of unpooled positions only (padding, echo's first copy) computes nothing
+                acc = _tile_products(feats, weight, offs_t, offs_v, in_t, in_v, H, s_ft, s_fh, s_wv, s_wh,
+                                     BLOCK_V, BLOCK_T, BLOCK_H, EVEN_H)
+                _merge_max(acc, owner, last, out, offs_v, in_v, V)
 
 
-def segment_max_matmul(feats: torch.Tensor, weight: torch.Tensor, text: torch.Tensor, texts: int) -> torch.Tensor:
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def segment_max_matmul(feats: torch.Tensor, weight: torch.Tensor, text: torch.Tensor, texts: int,
+                       tile: tuple | None = None) -> torch.Tensor:
     """feats [T, H] (texts end to end, or a padded batch flattened), weight [V, H] (same dtype), text [T] int32: the
     text each position is pooled into, in runs of non-decreasing ids, -1 for a position no text pools -> [texts, V]
     float32 maxima of the raw products (-inf for a text with no position). No host synchronisation.
-    One GEMM over all positions whose epilogue max-reduces each tile's columns per text into `out` with atomic max."""
+    One GEMM over all positions whose epilogue max-reduces each tile's columns per text into `out` with atomic max.
+    `tile`: one configuration, as in _SEGMENT_TILES, instead of the autotuned one (tests and bench/encode_head.py)."""
     positions, hidden = feats.shape
     vocab = weight.shape[0]
     if weight.shape[1] != hidden or weight.dtype != feats.dtype:
@@ -124,10 +150,17 @@ def segment_max_matmul(feats: torch.Tensor, weight: torch.Tensor, text: torch.Te
         return out
 
     def grid(meta):
-        return (triton.cdiv(positions, meta["BLOCK_T"]) * triton.cdiv(vocab, meta["BLOCK_V"]),)
+        tiles = triton.cdiv(positions, meta["BLOCK_T"]) * triton.cdiv(vocab, meta["BLOCK_V"])
+        return (min(tiles, meta["PER_SM"] * _sm_count(feats.device)) if meta["PER_SM"] else tiles,)
 
+    args = (feats, weight, text.to(torch.int32), out, positions, hidden, vocab, triton.next_power_of_2(positions),
+            *feats.stride(), *weight.stride())
+    if tile is not None:
+        bv, bt, bh, warps, stages, group, per_sm = tile
+        meta = {"BLOCK_V": bv, "BLOCK_T": bt, "BLOCK_H": bh, "GROUP_T": group, "PER_SM": per_sm}
+        _segment_max_matmul.fn[grid(meta)](*args, **meta, num_warps=warps, num_stages=stages)
+        return out
     # tuned per power of two of the positions (a host-side number: no synchronisation); the autotuner's repeated
     # launches leave `out` right, as a max is idempotent
-    _segment_max_matmul[grid](feats, weight, text.to(torch.int32), out, positions, hidden, vocab,
-                              triton.next_power_of_2(positions), *feats.stride(), *weight.stride())
+    _segment_max_matmul[grid](*args)
     return out

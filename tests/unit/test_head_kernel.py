@@ -101,15 +101,17 @@ def _owners(mask: torch.Tensor) -> torch.Tensor:
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("batch,length,hidden,vocab", [(11, 37, 40, 150), (6, 16, 16, 32), (9, 70, 24, 65)])
-def test_segment_max_matmul_equals_masked_max_of_the_logits(dtype, batch, length, hidden, vocab):
+@pytest.mark.parametrize("tile", [None, (32, 16, 16, 4, 1, 2, 1)], ids=["one-tile-per-program", "persistent"])
+def test_segment_max_matmul_equals_masked_max_of_the_logits(dtype, batch, length, hidden, vocab, tile):
     """Padded batches flattened (the same mask patterns), and packed texts: many texts per tile, texts spanning
-    tiles, empty texts, runs of unpooled positions."""
+    tiles, empty texts, runs of unpooled positions. Persistent: 4 programs (the CPU's SM count) loop over the
+    tiles, and compute the unpooled ones too."""
     gen = torch.Generator().manual_seed(batch + 1)
     feats = torch.randn(batch, length, hidden, generator=gen).to(dtype)
     weight = torch.randn(vocab, hidden, generator=gen).to(dtype)
     mask = _masks(batch, length, gen)
     ref = _reference(feats, weight, mask)
-    got = head_kernel.segment_max_matmul(feats.reshape(-1, hidden), weight, _owners(mask), batch)
+    got = head_kernel.segment_max_matmul(feats.reshape(-1, hidden), weight, _owners(mask), batch, tile)
     assert got.dtype == torch.float32 and got.shape == (batch, vocab)
     assert torch.equal(torch.isinf(got), torch.isinf(ref)) and torch.isinf(got[1]).all()
     finite = torch.isfinite(ref)
@@ -119,7 +121,7 @@ def test_segment_max_matmul_equals_masked_max_of_the_logits(dtype, batch, length
     lengths[0], lengths[-1] = 1, 0
     keep = torch.arange(length)[None, :] < lengths[:, None]
     packed = head_kernel.segment_max_matmul(feats[keep], weight, _owners(keep & mask.bool())[keep.reshape(-1)],
-                                            batch)
+                                            batch, tile)
     ref = _reference(feats, weight, keep & mask.bool())
     assert torch.equal(torch.isinf(packed), torch.isinf(ref))
     finite = torch.isfinite(ref)
