@@ -56,6 +56,8 @@ class ModelConfig:
     head_kernel: str = "auto"  # encoding head: auto (Triton kernel on CUDA in bf16/fp16, else torch) | torch | triton
     packed: str = "auto"  # encoding with an encoder: texts end to end without padding, varlen flash attention
     #                       (auto: on CUDA for BERT/DistilBERT/ELECTRA/RoBERTa/XLM-R) | true (any device) | false
+    attention_kernel: str = "auto"  # packed attention on CUDA: auto (Triton kernel with small tiles in bf16/fp16 at
+    #                                 inference, else varlen) | varlen (torch's varlen_attn, FlashAttention-2)
     logit_shift: float = 0.0  # added to every vocabulary logit of the MLM head before ReLU (train.calibrate_nnz)
     length_buckets: int = 1  # training: split each batch into this many length-sorted sub-batches (less padding)
     compile: str = "none"  # none | default | reduce-overhead: torch.compile the transformer blocks (train and encode)
@@ -213,6 +215,7 @@ CHOICES = {
     "model.compile_scope": ["stack", "layer"],
     "model.head_kernel": ["auto", "torch", "triton"],
     "model.packed": ["auto", "true", "false"],
+    "model.attention_kernel": ["auto", "varlen"],
     "data.format": ["jsonl", "msmarco"],
     "train.loss": ["margin_mse", "kl", "infonce"],
     "train.q_reg": ["flops", "l1", "none"],

@@ -24,6 +24,7 @@ Saved layout (`SparseModel.save`): `lsr_config.json` + an HF folder at the root 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import itertools
 import json
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from lsr_core import head_kernel
+from lsr_core import attention_kernel, head_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -389,6 +390,11 @@ def load_backbone(name: str, kind: str = "auto", *, gguf_file: str = "", dtype: 
 # variable-length flash attention (torch.nn.attention.varlen) instead of SDPA with a padding mask, and the fused head
 # reads each text's span of the row. On an H200, BERT-base on MS MARCO-like lengths: bench/RESULTS.md runs P-T.
 PACKED_ATTENTION = "lsr_packed"  # registered with transformers' AttentionInterface; SDPA when not packed
+# model.attention_kernel -> the registered attention function (torch's varlen_attn only, or our kernel at inference)
+PACKED_ATTENTIONS = {"auto": PACKED_ATTENTION, "varlen": PACKED_ATTENTION + "_varlen"}
+# up to this width (a batch's longest text, rounded up to 64) varlen_attn's 128-wide tiles waste little and it was
+# the faster one (0.91-0.92x for the kernel at 64 and 100 tokens; 1.07-1.44x at 130-250: bench/RESULTS.md, run Z11)
+KERNEL_MIN_LENGTH = 128
 # the model types whose packed output is tested equal to the padded one, with their first position id
 PACKED_POSITION_OFFSET = {"bert": lambda cfg: 0, "distilbert": lambda cfg: 0, "electra": lambda cfg: 0,
                           "roberta": lambda cfg: cfg.pad_token_id + 1, "xlm-roberta": lambda cfg: cfg.pad_token_id + 1}
@@ -401,16 +407,22 @@ except ImportError:
 
 
 def _packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seq_lens_q=None,
-                      max_length_q=None, **kwargs):
+                      max_length_q=None, kernel: str = "auto", **kwargs):
     """transformers attention function: with `cu_seq_lens_q` (texts packed into one row) each text attends to itself
-    only; otherwise exactly transformers' SDPA attention, so the same backbone also runs padded batches."""
+    only; otherwise exactly transformers' SDPA attention, so the same backbone also runs padded batches.
+    On CUDA without gradients, `kernel="auto"` runs lsr_core/attention_kernel.py (tiles sized to short texts) on
+    batches wider than KERNEL_MIN_LENGTH."""
     if cu_seq_lens_q is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [1, heads, T, d] -> [T, heads, d]
-    if q.is_cuda and varlen_attn is not None:  # (a call here, e.g. find_spec, would break the compiled graph)
+    if kernel == "auto" and max_length_q > KERNEL_MIN_LENGTH and not torch.is_grad_enabled() \
+            and attention_kernel.usable(q):
+        out = attention_kernel.packed_attention(q, k, v, cu_seq_lens_q, max_length_q,
+                                                q.shape[-1] ** -0.5 if scaling is None else scaling)
+    elif q.is_cuda and varlen_attn is not None:  # (a call here, e.g. find_spec, would break the compiled graph)
         out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scale=scaling)
     else:  # CPU (tests, model.packed=true): one SDPA call per text
         ends = cu_seq_lens_q.tolist()
@@ -420,13 +432,14 @@ def _packed_attention(module, query, key, value, attention_mask, scaling=None, d
     return out.unsqueeze(0), None
 
 
-def enable_packing(backbone, kind: str, packed: str) -> bool:
+def enable_packing(backbone, kind: str, packed: str, attention: str = "auto") -> bool:
     """model.packed: switch an encoder backbone to the packed-capable attention. "auto" does so where supported
     (a model type of PACKED_POSITION_OFFSET on transformers' default SDPA attention) and packs on CUDA only; "true"
-    fails where unsupported and packs on any device (the CPU fallback runs one SDPA call per text)."""
+    fails where unsupported and packs on any device (the CPU fallback runs one SDPA call per text).
+    `attention`: model.attention_kernel, which attention runs packed texts on CUDA (`_packed_attention`)."""
     cfg = backbone.config
     supported = kind == "encoder" and cfg.model_type in PACKED_POSITION_OFFSET and \
-        cfg._attn_implementation in ("sdpa", PACKED_ATTENTION)
+        cfg._attn_implementation in ("sdpa", *PACKED_ATTENTIONS.values())
     if packed == "false" or (packed == "auto" and not supported):
         return False
     if not supported:
@@ -435,9 +448,10 @@ def enable_packing(backbone, kind: str, packed: str) -> bool:
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
-    AttentionInterface.register(PACKED_ATTENTION, _packed_attention)
-    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
-    cfg._attn_implementation = PACKED_ATTENTION
+    for name, registered in PACKED_ATTENTIONS.items():
+        AttentionInterface.register(registered, functools.partial(_packed_attention, kernel=name))
+        AttentionMaskInterface.register(registered, sdpa_mask)
+    cfg._attn_implementation = PACKED_ATTENTIONS[attention]
     return True
 
 
@@ -905,7 +919,7 @@ def build_model(mcfg, training: bool = False) -> SparseModel:
         q_backbone, d_backbone = _prepare_for_training(mcfg, q_backbone, d_backbone)
     mlps = _load_mlp_heads(Path(name)) if saved.is_file() else {}
     packs = not training and all(
-        [enable_packing(backbone, spec.kind, mcfg.packed) for backbone in dict.fromkeys([q_backbone, d_backbone])])
+        [enable_packing(backbone, spec.kind, mcfg.packed, mcfg.attention_kernel) for backbone in dict.fromkeys([q_backbone, d_backbone])])
     if mcfg.compile != "none":
         for backbone in dict.fromkeys([q_backbone, d_backbone]):
             compile_blocks(backbone, mcfg.compile, mcfg.compile_scope)

@@ -1,5 +1,5 @@
 """The benchmarks' CPU smoke runs (`--tiny`): every system of bench/train.py, bench/encode_gpu.py,
-bench/encode_head.py, bench/tokenize_cpu.py and bench/vectors_cpu.py (and bench/train_gpu_check.py's QLoRA variant)
+bench/encode_head.py, bench/attention.py, bench/tokenize_cpu.py and bench/vectors_cpu.py (and bench/train_gpu_check.py's QLoRA variant)
 runs on tiny models and reports its row, so a change in lsr_core that breaks a benchmark is caught here, not on a
 lent GPU."""
 import pytest
@@ -65,6 +65,14 @@ def test_encode_head_bench_tiny():
     assert [r["system"] for r in rows] == ["torch", "naive", "packed"]
     assert rows[1]["max_abs_diff_vs_torch"] < 1e-2 and all(r["ms"] > 0 for r in rows)
     assert rows[2]["max_abs_diff_vs_torch"] < 1e-2  # a text pooled over a neighbour's span would differ by ~1
+
+
+def test_attention_bench_tiny():
+    from bench import attention
+
+    rows = attention.main(["--tiny"])  # no GPU: per-text SDPA, and the kernel in Triton's interpreter
+    assert [r["system"] for r in rows] == ["sdpa", "ours"] * 2
+    assert all(r["max_abs_diff_vs_sdpa"] < 1e-4 and r["ms"] > 0 for r in rows)
 
 
 def test_train_gpu_check_tiny():

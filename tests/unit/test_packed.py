@@ -62,6 +62,28 @@ def test_packed_rows_through_the_fused_kernel(tiny):
     torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(not modeling.head_kernel.INTERPRET, reason="runs in Triton's interpreter (CPU machines)")
+def test_packed_rows_through_the_attention_kernel(tiny, monkeypatch):
+    """model.attention_kernel=auto: on batches wider than KERNEL_MIN_LENGTH (lowered here: the tiny models have 128
+    positions) the packed attention kernel (Triton's interpreter, allowed on the CPU) gives the padded batch's
+    vectors; batches no wider keep the other path."""
+    calls = []
+    monkeypatch.setattr(modeling.attention_kernel, "usable", lambda q: True)
+    original = modeling.attention_kernel.packed_attention
+    monkeypatch.setattr(modeling.attention_kernel, "packed_attention", lambda *a: calls.append(a[4]) or original(*a))
+    monkeypatch.setattr(modeling, "KERNEL_MIN_LENGTH", 0)
+    _, padded = encode(tiny["bert"], TEXTS, packed="false")
+    _, packed = encode(tiny["bert"], TEXTS, packed="true")
+    assert len(calls) == 2 and set(calls) == {64}  # each layer, at the width rounded up to 64
+    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
+    calls.clear()
+    _, packed = encode(tiny["bert"], TEXTS, packed="true", attention_kernel="varlen")
+    assert not calls
+    monkeypatch.setattr(modeling, "KERNEL_MIN_LENGTH", 64)
+    _, packed = encode(tiny["bert"], TEXTS, packed="true")
+    assert not calls
+
+
 class _Count:
     n = 0
 
