@@ -13,7 +13,8 @@ shape: hidden 2048, 16 layers, 32 heads / 8 KV heads, intermediate 8192, vocab 1
         sparse COO tensor on the GPU: first as encode.py runs by
         default (tokenising in the main process, encode.num_workers 0), then with --workers tokenizer workers
         (encode.num_workers), once per --compile mode (model.compile; batches padded to a multiple of 16) and per
-        --packed value (model.packed: auto packs an encoder's texts end to end on CUDA, false pads); with
+        --packed value (model.packed: auto packs an encoder's texts end to end on CUDA, false pads) and per
+        --attention value (model.attention_kernel: auto, our kernel on packed batches wider than 128; varlen); with
         --host-only also the host side alone (tokenizer workers + copy to the GPU, no model): end to end's ceiling
   ST:   SparseEncoder([MLMTransformer(folder), SpladePooling("max")]) in bf16, `.encode(texts, batch_size)`
         (it also sorts by length; default output: sparse COO tensors)
@@ -41,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from encode import encode_shard, from_wire, length_sorted_groups, to_wire, tokenized_batches  # noqa: E402
 from bench.peak import peak_tflops  # noqa: E402
-from bench.train import body_params  # noqa: E402
+from bench.train import body_params, profile_step  # noqa: E402
 from lsr_core.config import ModelConfig  # noqa: E402
 from lsr_core.modeling import build_model, pack_batch  # noqa: E402
 
@@ -140,6 +141,16 @@ def padded_first_host_batch(model, texts: list[str], is_query: bool, pack: bool)
     return pack_batch(batch) if pack else batch
 
 
+def autotuned_tiles() -> dict:
+    """The tile each Triton kernel's autotuner chose so far, per key (shapes, rounded)."""
+    from lsr_core import attention_kernel, head_kernel
+
+    if head_kernel.triton is None:
+        return {}
+    tuners = {"head": head_kernel._segment_max_matmul, "attention": attention_kernel._packed_attention}
+    return {f"{name} {key}": str(config) for name, tuner in tuners.items() for key, config in tuner.cache.items()}
+
+
 def set_transport(transport: str) -> None:
     """wire / dicts: shared-memory segments passed as file descriptors (torch's default on Linux); wire-fs: by
     file name (torch.multiprocessing's file_system strategy)."""
@@ -147,14 +158,15 @@ def set_transport(transport: str) -> None:
 
 
 def bench_ours(folder, texts, warm, args, device, workers: int, compile_mode: str, head: str, packed: str,
-               transport: str = "wire-fs", lookahead: int = 1):
+               transport: str = "wire-fs", lookahead: int = 1, attention: str = "auto"):
     mode, _, scope = compile_mode.partition(":")  # e.g. default:layer
     # each variant's model compiles the same block code: without a reset its graphs count towards the previous
     # models' recompile limit (8), and past it torch runs the blocks eagerly without a word on stdout
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     model = build_model(ModelConfig(name_or_path=str(folder), dtype="bfloat16", compile=mode,
-                                    compile_scope=scope or "stack", head_kernel=head, packed=packed)).to(device)
+                                    compile_scope=scope or "stack", head_kernel=head, packed=packed,
+                                    attention_kernel=attention)).to(device)
     model.eval()
     if args.target_nnz and args.shift is None:
         args.shift = output_bias_shift(model, warm, args)
@@ -211,6 +223,9 @@ def bench_ours(folder, texts, warm, args, device, workers: int, compile_mode: st
     host.update(launch=0.0, batches=0, next=0.0, sync=0.0)
     run(warm)
     sync(device)
+    if args.profile and workers < 0 and device.type == "cuda":  # the warm-up batches again, kernel by kernel
+        profile_step(lambda: run(warm), f"model only, compile {compile_mode}, head {head}, packed {packed}, "
+                     f"attention {attention}", 25)
     host.update(launch=0.0, batches=0, next=0.0, sync=0.0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -272,6 +287,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--min-words", type=int, default=60)
     parser.add_argument("--max-words", type=int, default=250)
     parser.add_argument("--skip-st", action="store_true")
+    parser.add_argument("--skip-serial", action="store_true", help="leave out encode.py's default run (tokenising in "
+                        "the main process, eager)")
     parser.add_argument("--workers", default="8", help="comma list of tokenizer worker counts (encode.num_workers)")
     parser.add_argument("--host-only", action="store_true", help="also time the host pipeline alone per worker "
                         "count: tokenise in the workers and copy to the GPU, no model (what end to end can reach)")
@@ -279,6 +296,8 @@ def main(argv=None) -> list[dict]:
                         "none, default, reduce-overhead, each optionally :layer (model.compile_scope)")
     parser.add_argument("--heads", default="auto", help="comma list of model.head_kernel values to time: auto "
                         "(the fused Triton kernel on a GPU), torch (chunked float32 logits), triton")
+    parser.add_argument("--attention", default="auto", help="comma list of model.attention_kernel values to time: "
+                        "auto (packed texts: the Triton kernel with small tiles), varlen (torch's varlen_attn)")
     parser.add_argument("--packed", default="auto", help="comma list of model.packed values to time: auto (an "
                         "encoder's texts end to end on CUDA, varlen flash attention), false (padded batches)")
     parser.add_argument("--transport", default="wire-fs", help="comma list, how tokenizer workers hand batches over: "
@@ -293,6 +312,8 @@ def main(argv=None) -> list[dict]:
                         "with (batches queued on the GPU before one is handed to the caller; 0: none)")
     parser.add_argument("--model-only", action="store_true", help="also time the model alone on batches tokenised "
                         "before the clock starts (the host pipeline's ceiling)")
+    parser.add_argument("--profile", action="store_true", help="print the CUDA kernels of the model-only variants "
+                        "(torch.profiler over the warm-up batches)")
     parser.add_argument("--target-nnz", type=int, default=150, help="shift the output bias to ~this many terms per "
                         "document (0 = leave the random model's near-dense output)")
     parser.add_argument("--peak-tflops", default="measure", help="MFU denominator: 'measure' or TFLOP/s")
@@ -312,12 +333,15 @@ def main(argv=None) -> list[dict]:
     args.shift = None
     rows = []
     heads, modes, packs = args.heads.split(","), args.compile.split(","), args.packed.split(",")
-    grid = [(mode, head, packed) for mode in modes for head in heads for packed in packs]
+    attentions = args.attention.split(",")
+    grid = [(mode, head, packed, attention) for mode in modes for head in heads for packed in packs
+            for attention in attentions]
     workers = [int(n) for n in args.workers.split(",")]
     transports = args.transport.split(",")
     threads = [int(n) for n in args.threads.split(",")]
     lookaheads = [int(n) for n in args.lookahead.split(",")]
-    variants = [(0, "none", heads[0], packs[0], transports[0], threads[0], lookaheads[0])]
+    variants = [] if args.skip_serial else \
+        [(0, "none", heads[0], packs[0], attentions[0], transports[0], threads[0], lookaheads[0])]
     variants += [(n, *v, transport, t, ahead) for n in workers for v in grid for transport in transports
                  for t in threads for ahead in lookaheads]
     variants += [(-1, *v, transports[0], threads[0], 0) for v in grid] if args.model_only else []
@@ -330,19 +354,21 @@ def main(argv=None) -> list[dict]:
         rows.append({"model": args.model, "docs": args.docs, "batch": args.batch, "system": f"host pipeline alone "
                      f"({n} tokenizer workers, no model)", "seconds": seconds, "docs_per_s": args.docs / seconds,
                      "tokens_per_s": tokens / seconds, "mfu": float("nan"), "nnz_mean": float("nan")})
-    for workers, compile_mode, head, packed, transport, n_threads, lookahead in variants:
+    for workers, compile_mode, head, packed, attention, transport, n_threads, lookahead in variants:
         torch.set_num_threads(n_threads or default_threads)
         seconds, lengths, n_params, nnz = bench_ours(folder, texts, warm, args, device, workers, compile_mode, head,
-                                                     packed, transport, lookahead)
+                                                     packed, transport, lookahead, attention)
         flop = encode_flops(cfg, n_params, lengths)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
         base = {"model": args.model, "docs": args.docs, "batch": args.batch, "mean_tokens": sum(lengths) / len(lengths),
                 "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "bias_shift": args.shift,
-                "peak_tflops": args.peak_tflops, "head_kernel": head, "packed": packed, "transport": transport,
+                "peak_tflops": args.peak_tflops, "head_kernel": head, "packed": packed, "attention_kernel": attention,
+                "transport": transport,
                 "main_threads": torch.get_num_threads(), "lookahead": lookahead if workers >= 0 else None}
         name = f"ours ({workers} tokenizer workers" if workers >= 0 else "ours (model only: pre-tokenised batches"
         name += f", torch.compile {compile_mode}" if compile_mode != "none" else ""
         name += f", head {head}" if head != "auto" else ""
+        name += f", attention {attention}" if len(attentions) > 1 else ""
         name += f", transport {transport}" if workers > 0 and len(transports) > 1 else ""
         name += f", {torch.get_num_threads()} main threads" if workers > 0 and len(threads) > 1 else ""
         name += f", lookahead {lookahead}" if workers >= 0 and len(lookaheads) > 1 else ""
@@ -351,7 +377,10 @@ def main(argv=None) -> list[dict]:
                          tokens_per_s=sum(lengths) / seconds, mfu=flop / seconds / (args.peak_tflops * 1e12),
                          peak_mem_gib=peak, nnz_mean=nnz,
                          **{f"{k}_ms_per_batch": v for k, v in args.host_ms.items()},
-                         compiled_graphs=torch._dynamo.utils.counters["stats"]["unique_graphs"]))
+                         compiled_graphs=torch._dynamo.utils.counters["stats"]["unique_graphs"],
+                         tiles=autotuned_tiles()))
+        # as it comes, so that a run cut short by a time limit still reports what it measured
+        print(f"measured {name}: {rows[-1]['docs_per_s']:.0f} docs/s, MFU {rows[-1]['mfu']:.1%}", flush=True)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     torch.set_num_threads(default_threads)

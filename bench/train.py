@@ -128,7 +128,7 @@ def report(args, system: str, seconds: float, peak: float, step_flop: float, wor
     return row
 
 
-def profile_step(step, label: str) -> None:
+def profile_step(step, label: str, rows: int = 14) -> None:
     """Print the CUDA kernels that take the most time in one step."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -136,7 +136,7 @@ def profile_step(step, label: str) -> None:
         step()
         torch.cuda.synchronize()
     print(f"--- profile: {label}")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60))
 
 
 # ------------------------------------------------------------------------------------------------ BERT-base vs ST
