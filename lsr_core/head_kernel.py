@@ -14,8 +14,10 @@ decoder's). Texts with no pooled position get -inf, as in the torch path. Infere
 training uses `modeling._SparseMLMPool`.
 
 Programs run in groups of GROUP_T position tiles that sweep the vocabulary together, so those positions' hidden
-states stay in L2 while each weight tile is read once per group. Tile sizes are autotuned once per (hidden,
-vocabulary, power of two of the positions) and process.
+states stay in L2 while each weight tile is read once per group. A configuration either gives each program one
+tile, or runs PER_SM programs per SM that loop over the tiles (persistent; 1.06x alone at BERT-base documents,
+not picked by the autotuner on real batches so far: bench/RESULTS.md, runs Z10-Z12). Tile sizes are autotuned once
+per (hidden, vocabulary, power of two of the positions) and process.
 Tested on the CPU through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU).
 """
 from __future__ import annotations
@@ -125,6 +127,7 @@ if triton is not None:
 
 
 def _sm_count(device: torch.device) -> int:
+    """SMs for the persistent configurations' grid (4 on the CPU, for Triton's interpreter)."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
