@@ -12,7 +12,8 @@ Output (default `<output_dir>/encode/corpus` or `.../queries`): `part-NNNNN.json
 quantisation scale, FLOPs estimate for queries when the encoded corpus is found).
 Texts are split into shards by position; each process writes its own shards (no gather), and a rerun skips shards
 that already exist, so a killed job resumes without duplicates or gaps. Within a shard texts are encoded in
-length-sorted batches to avoid padding waste, then written in input order.
+length-sorted batches to avoid padding waste, then written in input order. `encode.num_writers` worker processes
+turn the pruned vectors into JSON lines while the model runs on.
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ from tqdm.auto import tqdm
 
 from lsr_core.config import ConfigError, config_hash, load_config, save_config
 from lsr_core.modeling import ModelLoadError, build_model
-from lsr_core.sparse import (ShardWriter, flops_estimate, id_to_token_list, load_vectors, nnz_stats, prune,
-                             read_vectors, shard_name, to_vector, write_meta)
+from lsr_core.sparse import (ShardWriter, VectorWriters, flops_estimate, id_to_token_list, load_vectors, nnz_stats,
+                             prune, read_vectors, shard_name, write_meta)
 from lsr_core.utils import InputError, accelerator_kwargs, read_texts
 
 logger = get_logger(__name__)
@@ -188,23 +189,31 @@ def main(argv=None) -> Path:
         torch.multiprocessing.set_sharing_strategy("file_system")  # docs/s on an H200 (bench/RESULTS.md, runs Z1, Z3)
     started = time.time()
     progress = tqdm(total=todo, disable=not accelerator.is_main_process, desc="encode", unit="text")
-    for shard in mine:
-        lo, hi = shard * per_shard, min(len(ids), (shard + 1) * per_shard)
-        vectors: list[dict | None] = [None] * (hi - lo)
-        for positions, reps in encode_shard(model, texts[lo:hi], is_query, enc.batch_size, progress,
-                                            enc.num_workers):
-            for pos, (token_ids, weights) in zip(positions, prune(reps, enc.topk, enc.threshold)):
-                vectors[pos] = to_vector(token_ids, weights, vocab, enc.quant_scale)
-        writer = ShardWriter(out / shard_name(shard))
-        for rid, vec in zip(ids[lo:hi], vectors):
-            writer.add(rid, vec)
-        writer.close()  # atomic: the shard exists only once complete
+    with VectorWriters(vocab, enc.quant_scale, enc.num_writers) as writers:
+        for shard in mine:
+            lo, hi = shard * per_shard, min(len(ids), (shard + 1) * per_shard)
+            rows: list[tuple[str, int] | None] = [None] * (hi - lo)  # (vector JSON, nnz) in input order
+            for positions, reps in encode_shard(model, texts[lo:hi], is_query, enc.batch_size, progress,
+                                                enc.num_workers):
+                _place(rows, writers.submit(positions, prune(reps, enc.topk, enc.threshold)))
+            _place(rows, writers.drain())
+            writer = ShardWriter(out / shard_name(shard))
+            for rid, (vector_json, nnz) in zip(ids[lo:hi], rows):
+                writer.add_json(rid, vector_json, nnz)
+            writer.close()  # atomic: the shard exists only once complete
     progress.close()
     elapsed = time.time() - started
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         finish(cfg, out, ids, n_shards, is_query, len(vocab), todo, elapsed)
     return out
+
+
+def _place(rows: list, done: list) -> None:
+    """VectorWriters' finished batches -> their rows at their texts' positions in the shard."""
+    for positions, batch_rows in done:
+        for pos, row in zip(positions, batch_rows):
+            rows[pos] = row
 
 
 def finish(cfg, out: Path, ids: list[str], n_shards: int, is_query: bool, vocab_size: int, todo: int,

@@ -11,6 +11,11 @@ what it spends here per batch is host time the GPU does not wait for only while 
          so here only the bytes are counted and the masking is timed);
   to_vector: {token: weight} per document with weights rounded to 5 decimals (encode.quant_scale 0) or quantised
          (100); before, each weight was rounded as a numpy scalar.
+  --writers: the whole conversion to JSON lines (to_vector, json, ShardWriter.add_json) for --batches pruned
+         batches, as encode.py runs it with encode.num_writers N (`VectorWriters`: N worker processes while the
+         main process goes on; 0 = in the main process), per N: documents per second, as if the model were free
+         (what encode.py can take at most), and the main process's CPU time per batch (what is left of this work
+         on the thread that also launches the model). Worker start-up is outside the clock.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lsr_core.sparse import kept_columns, prune, to_vector  # noqa: E402
+from lsr_core.sparse import ShardWriter, VectorWriters, kept_columns, prune, to_vector, vector_rows  # noqa: E402
 
 
 def vectors_before(token_ids, weights, vocab, scale):
@@ -42,17 +47,41 @@ def best_ms(fn, repeats: int) -> float:
     return 1e3 * min(times)
 
 
+def time_writers(processes: int, pruned: list, vocab: list[str], args) -> dict:
+    """encode.py's loop after `prune`, N writer processes: every batch submitted, drained, written as lines."""
+    expected = vector_rows(pruned, vocab, 0.0)
+    with VectorWriters(vocab, 0.0, processes) as writers:
+        writers.submit(-1, pruned[:1])  # start the workers before the clock
+        writers.drain()
+        began, cpu = time.perf_counter(), time.process_time()
+        shard = ShardWriter("unused.jsonl.gz")  # lines only; never closed, so nothing is written
+        done = []
+        for key in range(args.batches):
+            done += writers.submit(key, pruned)
+        done += writers.drain()
+        for key, batch_rows in done:
+            for i, (vector_json, nnz) in enumerate(batch_rows):
+                shard.add_json(f"{key}-{i}", vector_json, nnz)
+        seconds, cpu = time.perf_counter() - began, time.process_time() - cpu
+    assert [key for key, _ in done] == list(range(args.batches)) and all(r == expected for _, r in done)
+    return {"system": f"JSON lines, encode.num_writers {processes}", "ms_per_batch": 1e3 * seconds / args.batches,
+            "docs_per_s": args.batches * args.batch / seconds, "main_cpu_ms_per_batch": 1e3 * cpu / args.batches}
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=30522)
     parser.add_argument("--nnz", type=int, default=150, help="terms per document")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--writers", default="", help="comma list of encode.num_writers values to time the whole "
+                        "conversion to JSON lines with (e.g. 0,1,2)")
+    parser.add_argument("--batches", type=int, default=40, help="batches per --writers timing")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
     if args.tiny:
-        args.batch, args.vocab, args.nnz, args.repeats = 8, 500, 20, 1
+        args.batch, args.vocab, args.nnz, args.repeats, args.batches = 8, 500, 20, 1, 3
     torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(0)
     reps = torch.zeros(args.batch, args.vocab)
@@ -78,6 +107,7 @@ def main(argv=None) -> list[dict]:
         for name, fn in (("before", vectors_before), ("now", to_vector)):
             rows.append({"system": f"to_vector, quant_scale {scale:g} ({name})", "ms_per_batch": best_ms(
                 lambda: [fn(*p, vocab, scale) for p in pruned], args.repeats)})
+    rows += [time_writers(int(n), pruned, vocab, args) for n in filter(None, args.writers.split(","))]
     for row in rows:
         row.update(batch=args.batch, vocab=args.vocab, nnz=args.nnz)
     if args.out:
@@ -88,7 +118,9 @@ def main(argv=None) -> list[dict]:
     print("|---|---:|---:|")
     for row in rows:
         mb = f"{row['mb_to_host']:.1f}" if "mb_to_host" in row else "–"
-        print(f"| {row['system']} | {row['ms_per_batch']:.1f} | {mb} |")
+        rate = f" ({row['docs_per_s']:.0f} docs/s; main process CPU {row['main_cpu_ms_per_batch']:.1f} ms)" \
+            if "docs_per_s" in row else ""
+        print(f"| {row['system']} | {row['ms_per_batch']:.1f}{rate} | {mb} |")
     return rows
 
 

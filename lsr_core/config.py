@@ -130,6 +130,8 @@ class EncodeConfig:
     quant_scale: float = 0.0  # >0: integer weights round(w * scale)
     shard_size: int = 0  # texts per shard; 0 = one shard per process
     num_workers: int = 0  # DataLoader workers tokenizing ahead of the model (GPU: ~4 on 16 cores; 0 on a 2-core CPU)
+    num_writers: int = 0  # processes turning pruned vectors into JSON lines while the model runs (0: this process;
+    #                       that Python work, ~1 us per term, can outpace a GPU: bench/vectors_cpu.py --writers)
     max_length: int = 0  # tokens per text; 0 = the model's (model.max_doc_len / max_query_len, or lsr_config.json)
     flops_docs: str = ""  # kind=query: encoded corpus folder for the FLOPs estimate; default: sibling 'corpus'
 

@@ -99,6 +99,8 @@ def test_tokenize_bench_tiny():
 def test_vectors_bench_tiny():
     from bench import vectors_cpu
 
-    rows = vectors_cpu.main(["--tiny"])
-    assert [r["system"].split(":")[0].split(",")[0] for r in rows] == ["prune", "prune"] + ["to_vector"] * 4
+    rows = vectors_cpu.main(["--tiny", "--writers", "0,1"])
+    assert [r["system"].split(":")[0].split(",")[0] for r in rows] == \
+        ["prune", "prune"] + ["to_vector"] * 4 + ["JSON lines"] * 2
     assert rows[1]["columns"] < rows[0]["columns"] and all(r["ms_per_batch"] > 0 for r in rows)
+    assert all(r["docs_per_s"] > 0 for r in rows[-2:])

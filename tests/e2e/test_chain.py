@@ -146,6 +146,21 @@ def test_killed_encode_resumes_without_duplicates_or_gaps(trained, tmp_path):
     assert read_meta(dest)["count"] == 48
 
 
+def test_writer_processes_write_the_same_lines(trained, tmp_path):
+    """encode.num_writers: the vectors dumped in 2 worker processes, over 5 shards, are the lines of the one shard
+    written in this process, in the same order."""
+    root, out = trained
+    dest = tmp_path / "writers"
+    encode.main([f"--exp.output_dir={out}", f"--encode.input={root}/data/corpus.jsonl", "--encode.kind=doc",
+                 f"--encode.output={dest}", "--encode.num_writers=2", "--encode.shard_size=10"])
+
+    def lines(folder):
+        return [line for shard in sorted(folder.glob("part-*.jsonl.gz")) for line in gzip.open(shard, "rt")]
+
+    assert len(list(dest.glob("part-*.jsonl.gz"))) == 5
+    assert lines(dest) == lines(out / "encode" / "corpus") and len(lines(dest)) == 48
+
+
 def test_bad_input(trained, tmp_path):
     root, out = trained
     dup = tmp_path / "dup.jsonl"

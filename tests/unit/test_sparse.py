@@ -1,12 +1,14 @@
 """`prune` and `quantize` (what encode.py turns each batch into): equal to their plain definitions, element for
-element, on rows with ties, rows with nothing kept, thresholds and top-k."""
+element, on rows with ties, rows with nothing kept, thresholds and top-k. The JSON rows encode.py writes: the same
+lines whether dumped at once or through `vector_rows` and `VectorWriters`' worker processes."""
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from lsr_core.sparse import prune, quantize, to_vector
+from lsr_core.sparse import ShardWriter, VectorWriters, prune, quantize, to_vector, vector_rows
 
 
 def reference_prune(reps, topk, threshold):
@@ -51,3 +53,45 @@ def test_quantize_and_vectors_equal_their_definition():
     assert len(vector) == sum(1 for v in weights if round(float(v) * 100) != 0) and "t0" not in vector
     with pytest.raises(ValueError, match="not finite"):
         quantize(np.array([1.0, math.inf], dtype=np.float32), 100.0)
+
+
+def _batches(n: int):
+    generator = torch.Generator().manual_seed(n)
+    return [prune(torch.rand(5, 30, generator=generator) * (torch.rand(5, 30, generator=generator) < 0.3))
+            for _ in range(n)]
+
+
+VOCAB = [f"tok{i}" for i in range(28)] + ["café", "naïve"]  # non-ASCII tokens stay as they are (ensure_ascii off)
+
+
+def test_shard_rows_from_dumped_vectors_equal_rows_from_dicts(tmp_path):
+    (pruned,) = _batches(1)
+    by_dict, by_json = ShardWriter(tmp_path / "a.jsonl.gz"), ShardWriter(tmp_path / "b.jsonl.gz")
+    for i, (row, (text, nnz)) in enumerate(zip(pruned, vector_rows(pruned, VOCAB, 0.0))):
+        by_dict.add(f"d{i}é", to_vector(*row, VOCAB, 0.0))
+        by_json.add_json(f"d{i}é", text, nnz)
+    assert by_dict.rows == by_json.rows and by_dict.nnz == by_json.nnz
+    assert json.loads(by_json.rows[0])["id"] == "d0é"
+
+
+@pytest.mark.parametrize("processes", [0, 1])
+def test_vector_writers_give_each_batch_its_rows_in_order(processes):
+    batches = _batches(7)
+    got = []
+    with VectorWriters(VOCAB, 100.0, processes) as writers:
+        for key, pruned in enumerate(batches):
+            done = writers.submit(key, pruned)
+            assert len(writers.pending) <= 2 * processes  # at most 2 x processes batches wait
+            got += done
+        got += writers.drain()
+    assert [key for key, _ in got] == list(range(7))
+    assert [rows for _, rows in got] == [vector_rows(pruned, VOCAB, 100.0) for pruned in batches]
+
+
+def test_a_writer_process_error_is_raised_with_its_batch():
+    (pruned,) = _batches(1)
+    pruned[2][1][0] = float("nan")  # cannot be quantised
+    with VectorWriters(VOCAB, 100.0, 1) as writers:
+        writers.submit("bad", pruned)
+        with pytest.raises(ValueError, match="not finite"):
+            writers.drain()
