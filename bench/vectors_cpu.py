@@ -16,12 +16,18 @@ what it spends here per batch is host time the GPU does not wait for only while 
          main process goes on; 0 = in the main process), per N: documents per second, as if the model were free
          (what encode.py can take at most), and the main process's CPU time per batch (what is left of this work
          on the thread that also launches the model). Worker start-up is outside the clock.
+  --shard-docs: ShardWriter.close on that many documents' lines (gzip level 5): one gzip stream written line by
+         line on one thread (before) against `write_gzip_lines`, deflated in pieces on 1 and on every core (now);
+         seconds, MB/s of JSON and the compressed size. The files must decompress to the same lines.
 """
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lsr_core.sparse import ShardWriter, VectorWriters, kept_columns, prune, to_vector, vector_rows  # noqa: E402
+from lsr_core.utils import atomic_open, write_gzip_lines  # noqa: E402
 
 
 def vectors_before(token_ids, weights, vocab, scale):
@@ -68,6 +75,32 @@ def time_writers(processes: int, pruned: list, vocab: list[str], args) -> dict:
             "docs_per_s": args.batches * args.batch / seconds, "main_cpu_ms_per_batch": 1e3 * cpu / args.batches}
 
 
+def time_shard_close(pruned: list, vocab: list[str], args) -> list[dict]:
+    """The shard file: the same lines compressed before (one stream, one thread) and now (pieces, N threads)."""
+    rows = vector_rows(pruned, vocab, 0.0)
+    lines = [f'{{"id": "d{i}", "vector": {rows[i % len(rows)][0]}}}' for i in range(args.shard_docs)]
+    mb = sum(len(line) + 1 for line in lines) / 1e6
+    folder = Path(tempfile.mkdtemp(prefix="shard_close_"))
+
+    def before(path):
+        with atomic_open(path) as f:
+            for line in lines:
+                f.write(line + "\n")
+
+    systems = {"one gzip stream, 1 thread (before)": before}
+    for threads in dict.fromkeys([1, os.cpu_count() or 1]):
+        systems[f"pieces, {threads} thread(s) (now)"] = lambda path, t=threads: write_gzip_lines(path, lines, threads=t)
+    out = []
+    for name, write in systems.items():
+        path = folder / f"{len(out)}.jsonl.gz"
+        seconds = best_ms(lambda: write(path), args.repeats) / 1e3
+        assert gzip.open(path, "rt").read().splitlines() == lines
+        out.append({"system": f"ShardWriter.close, {args.shard_docs} documents: {name}", "seconds": seconds,
+                    "ms_per_batch": 1e3 * seconds * args.batch / args.shard_docs, "json_mb_per_s": mb / seconds,
+                    "gz_mb": path.stat().st_size / 1e6})
+    return out
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=256)
@@ -77,11 +110,14 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--writers", default="", help="comma list of encode.num_writers values to time the whole "
                         "conversion to JSON lines with (e.g. 0,1,2)")
     parser.add_argument("--batches", type=int, default=40, help="batches per --writers timing")
+    parser.add_argument("--shard-docs", type=int, default=0, help="also time ShardWriter.close on this many "
+                        "documents' lines (e.g. 20480)")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
     if args.tiny:
         args.batch, args.vocab, args.nnz, args.repeats, args.batches = 8, 500, 20, 1, 3
+        args.shard_docs = args.shard_docs and 50
     torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(0)
     reps = torch.zeros(args.batch, args.vocab)
@@ -108,6 +144,7 @@ def main(argv=None) -> list[dict]:
             rows.append({"system": f"to_vector, quant_scale {scale:g} ({name})", "ms_per_batch": best_ms(
                 lambda: [fn(*p, vocab, scale) for p in pruned], args.repeats)})
     rows += [time_writers(int(n), pruned, vocab, args) for n in filter(None, args.writers.split(","))]
+    rows += time_shard_close(pruned, vocab, args) if args.shard_docs else []
     for row in rows:
         row.update(batch=args.batch, vocab=args.vocab, nnz=args.nnz)
     if args.out:
@@ -120,6 +157,8 @@ def main(argv=None) -> list[dict]:
         mb = f"{row['mb_to_host']:.1f}" if "mb_to_host" in row else "–"
         rate = f" ({row['docs_per_s']:.0f} docs/s; main process CPU {row['main_cpu_ms_per_batch']:.1f} ms)" \
             if "docs_per_s" in row else ""
+        if "json_mb_per_s" in row:
+            rate = f" ({row['seconds']:.2f} s, {row['json_mb_per_s']:.0f} MB/s of JSON, {row['gz_mb']:.1f} MB gzip)"
         print(f"| {row['system']} | {row['ms_per_batch']:.1f}{rate} | {mb} |")
     return rows
 

@@ -161,11 +161,12 @@ class ShardWriter:
         self.nnz.append(nnz)
 
     def close(self) -> dict:
-        from lsr_core.utils import atomic_open
+        from lsr_core.utils import atomic_write_text, write_gzip_lines
 
-        with atomic_open(self.path) as f:
-            for row in self.rows:
-                f.write(row + "\n")
+        if self.path.suffix == ".gz":  # shards: compressed on every core
+            write_gzip_lines(self.path, self.rows)
+        else:
+            atomic_write_text(self.path, "".join(row + "\n" for row in self.rows))
         return {"count": len(self.rows), "nnz": self.nnz}
 
 

@@ -1,14 +1,19 @@
 """Small shared helpers: atomic writes, text readers with file:line errors, seeding."""
 from __future__ import annotations
 
+import collections
 import csv
 import gzip
+import itertools
 import json
 import os
+import struct
 import tempfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 
 class InputError(ValueError):
@@ -16,14 +21,15 @@ class InputError(ValueError):
 
 
 @contextmanager
-def atomic_open(path: str | Path, mode: str = "w"):
-    """Write to a temp file in the same folder, rename over `path` only if the block finishes."""
+def atomic_open(path: str | Path, mode: str = "w", compress: bool = True):
+    """Write to a temp file in the same folder, rename over `path` only if the block finishes. A `.gz` path is
+    gzip-compressed unless `compress` is False (bytes already compressed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        if path.suffix == ".gz":
+        if path.suffix == ".gz" and compress:
             f = gzip.open(tmp, mode + ("t" if "b" not in mode else ""), compresslevel=5)
         else:
             f = open(tmp, mode)
@@ -34,6 +40,39 @@ def atomic_open(path: str | Path, mode: str = "w"):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+_GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name, mtime 0, unknown OS
+
+
+def _deflate_piece(data: bytes, level: int) -> bytes:
+    """Raw deflate blocks for `data`, ending on a sync flush (byte-aligned, not final): pieces join end to end."""
+    compressor = zlib.compressobj(level, zlib.DEFLATED, -15)
+    return compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+
+
+def write_gzip_lines(path: str | Path, lines: Iterable[str], level: int = 5, threads: int = 0,
+                     lines_per_piece: int = 4096) -> None:
+    """`lines` (each without its newline) -> one gzip member at `path`, atomically, compressed on `threads` threads
+    (0: one per core; zlib releases the GIL) in pieces of `lines_per_piece` lines, as pigz does: each piece is
+    deflated on its own and ends on a sync flush, so the pieces form one deflate stream that any gzip reader reads.
+    At level 5, one core compresses ~29 MB/s of encoded vectors (~25 ms per 256 documents), as long as an H200
+    encodes them, so a single-threaded writer would double the time encode.py spends after the model."""
+    threads = threads or os.cpu_count() or 1
+    crc, size, waiting = 0, 0, collections.deque()
+    lines = iter(lines)
+    with atomic_open(path, "wb", compress=False) as f, ThreadPoolExecutor(threads) as pool:
+        f.write(_GZIP_HEADER)
+        while piece := list(itertools.islice(lines, lines_per_piece)):
+            data = "".join(line + "\n" for line in piece).encode()
+            crc, size = zlib.crc32(data, crc), size + len(data)
+            waiting.append(pool.submit(_deflate_piece, data, level))
+            while len(waiting) > 2 * threads:  # bounded memory: write the oldest piece
+                f.write(waiting.popleft().result())
+        while waiting:
+            f.write(waiting.popleft().result())
+        f.write(zlib.compressobj(level, zlib.DEFLATED, -15).flush(zlib.Z_FINISH))  # the final (empty) block
+        f.write(struct.pack("<II", crc, size & 0xFFFFFFFF))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

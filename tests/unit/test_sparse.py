@@ -95,3 +95,25 @@ def test_a_writer_process_error_is_raised_with_its_batch():
         writers.submit("bad", pruned)
         with pytest.raises(ValueError, match="not finite"):
             writers.drain()
+
+
+@pytest.mark.parametrize("threads,per_piece", [(1, 4096), (3, 7), (2, 1)])
+def test_shards_compressed_in_pieces_read_back_as_one_gzip_stream(tmp_path, threads, per_piece):
+    """write_gzip_lines: pieces deflated apart on several threads join into one member that gzip (Python's, and
+    the gzip tool where installed) reads back line for line; no lines, and a non-ASCII line, too."""
+    import gzip
+    import shutil
+    import subprocess
+
+    from lsr_core.utils import write_gzip_lines
+
+    lines = [json.dumps({"id": f"d{i}", "vector": {f"t{j}é": j / 7 for j in range(i % 13)}}, ensure_ascii=False)
+             for i in range(500)]
+    for rows in (lines, []):
+        path = tmp_path / f"part-{threads}-{per_piece}-{len(rows)}.jsonl.gz"
+        write_gzip_lines(path, rows, threads=threads, lines_per_piece=per_piece)
+        assert gzip.open(path, "rt", encoding="utf-8").read().splitlines() == rows
+        if shutil.which("gzip"):
+            tested = subprocess.run(["gzip", "-t", str(path)], capture_output=True, text=True)
+            assert tested.returncode == 0, tested.stderr
+    assert list(tmp_path.glob(".*.tmp")) == []
