@@ -78,9 +78,11 @@ def time_writers(processes: int, pruned: list, vocab: list[str], args) -> dict:
 def time_shard_close(pruned: list, vocab: list[str], args) -> list[dict]:
     """The shard file: the same lines compressed before (one stream, one thread) and now (pieces, N threads)."""
     rows = vector_rows(pruned, vocab, 0.0)
-    lines = [f'{{"id": "d{i}", "vector": {rows[i % len(rows)][0]}}}' for i in range(args.shard_docs)]
+    shard = ShardWriter("unused.jsonl.gz")  # its lines only; each system writes them itself
+    for i in range(args.shard_docs):
+        shard.add_json(f"d{i}", *rows[i % len(rows)])
+    lines = shard.rows
     mb = sum(len(line) + 1 for line in lines) / 1e6
-    folder = Path(tempfile.mkdtemp(prefix="shard_close_"))
 
     def before(path):
         with atomic_open(path) as f:
@@ -91,13 +93,14 @@ def time_shard_close(pruned: list, vocab: list[str], args) -> list[dict]:
     for threads in dict.fromkeys([1, os.cpu_count() or 1]):
         systems[f"pieces, {threads} thread(s) (now)"] = lambda path, t=threads: write_gzip_lines(path, lines, threads=t)
     out = []
-    for name, write in systems.items():
-        path = folder / f"{len(out)}.jsonl.gz"
-        seconds = best_ms(lambda: write(path), args.repeats) / 1e3
-        assert gzip.open(path, "rt").read().splitlines() == lines
-        out.append({"system": f"ShardWriter.close, {args.shard_docs} documents: {name}", "seconds": seconds,
-                    "ms_per_batch": 1e3 * seconds * args.batch / args.shard_docs, "json_mb_per_s": mb / seconds,
-                    "gz_mb": path.stat().st_size / 1e6})
+    with tempfile.TemporaryDirectory(prefix="shard_close_") as folder:
+        for name, write in systems.items():
+            path = Path(folder) / f"{len(out)}.jsonl.gz"
+            seconds = best_ms(lambda: write(path), args.repeats) / 1e3
+            assert gzip.open(path, "rt").read().splitlines() == lines
+            out.append({"system": f"ShardWriter.close, {args.shard_docs} documents: {name}", "seconds": seconds,
+                        "ms_per_batch": 1e3 * seconds * args.batch / args.shard_docs, "json_mb_per_s": mb / seconds,
+                        "gz_mb": path.stat().st_size / 1e6})
     return out
 
 

@@ -918,8 +918,8 @@ def build_model(mcfg, training: bool = False) -> SparseModel:
     if training:
         q_backbone, d_backbone = _prepare_for_training(mcfg, q_backbone, d_backbone)
     mlps = _load_mlp_heads(Path(name)) if saved.is_file() else {}
-    packs = not training and all(
-        [enable_packing(backbone, spec.kind, mcfg.packed, mcfg.attention_kernel) for backbone in dict.fromkeys([q_backbone, d_backbone])])
+    packs = not training and all([enable_packing(backbone, spec.kind, mcfg.packed, mcfg.attention_kernel)
+                                  for backbone in dict.fromkeys([q_backbone, d_backbone])])
     if mcfg.compile != "none":
         for backbone in dict.fromkeys([q_backbone, d_backbone]):
             compile_blocks(backbone, mcfg.compile, mcfg.compile_scope)

@@ -9,8 +9,11 @@ A shard is complete once its file exists (written atomically); a `.tmp` is never
 """
 from __future__ import annotations
 
+import collections
 import json
 import math
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -96,10 +99,6 @@ class VectorWriters:
     worker's error is raised where its batch's result is taken. Use as a context manager."""
 
     def __init__(self, vocab: list[str], scale: float = 0.0, processes: int = 0):
-        import collections
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
         self.vocab, self.scale, self.limit = vocab, scale, 2 * processes
         self.pending = collections.deque()
         # spawn: forking a process that holds CUDA state or torch's threads is unsafe
