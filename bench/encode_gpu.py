@@ -18,9 +18,10 @@ shape: hidden 2048, 16 layers, 32 heads / 8 KV heads, intermediate 8192, vocab 1
         --host-only also the host side alone (tokenizer workers + copy to the GPU, no model): end to end's ceiling
   ST:   SparseEncoder([MLMTransformer(folder), SpladePooling("max")]) in bf16, `.encode(texts, batch_size)`
         (it also sorts by length; default output: sparse COO tensors)
-Both get the same texts, batch size and weights, after a warm-up on the first batches. A random model activates
-nearly every vocabulary term; the output bias is shifted (calibrated on the warm-up texts, same shift for both) so
-that documents keep ~--target-nnz terms, as trained SPLADE models do.
+Both get the same texts, batch size and weights, after a warm-up on other texts of the same lengths (`warm_texts`).
+A random model activates nearly every vocabulary term; the output bias is shifted (calibrated on the warm-up texts,
+same shift for both) so that documents keep ~--target-nnz terms, as trained SPLADE models do.
+With --script-writers, encode.py itself (`encode.main`) on a corpus file of the same texts, per encode.num_writers.
 MFU: sum over documents of (2 * N * L + 2 * H * V * L + 4 * layers * L^2 * d_model) over time and --peak-tflops
 (N: non-embedding, non-vocabulary parameters; L: the document's real tokens, padding not counted); by default the
 peak is the bf16 matmul rate measured at the start of the run (bench/peak.py).
@@ -31,6 +32,7 @@ import argparse
 import functools
 import json
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -91,6 +93,16 @@ def make_model_folder(name: str, tiny: bool) -> tuple[Path, object]:
 def make_texts(n: int, vocab_words: int, lo: int, hi: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(f"w{rng.randrange(vocab_words)}" for _ in range(rng.randint(lo, hi))) for _ in range(n)]
+
+
+def warm_texts(n: int, vocab_words: int, lo: int, hi: int, batch: int) -> list[str]:
+    """The warm-up: n texts of random lengths, plus a batch of the shortest and one of the longest. A long run's
+    length-sorted batches start and end nearly uniform at those extremes, so every shape bucket it meets (the head
+    and attention kernels' tiles, autotuned per power of two of the positions and of the longest text; the compiled
+    graphs' guards on them) is compiled and tuned before the clock starts, as in a long job."""
+    rng = random.Random(2)
+    return make_texts(n, vocab_words, lo, hi, seed=1) + [
+        " ".join(f"w{rng.randrange(vocab_words)}" for _ in range(words)) for words in [lo] * batch + [hi] * batch]
 
 
 def encode_flops(cfg, n_params: int, lengths: list[int]) -> float:
@@ -229,17 +241,72 @@ def bench_ours(folder, texts, warm, args, device, workers: int, compile_mode: st
     host.update(launch=0.0, batches=0, next=0.0, sync=0.0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    graphs, tunings = torch._dynamo.utils.counters["stats"]["unique_graphs"], len(autotuned_tiles())
     began = time.perf_counter()
     nnz = run(texts)
     sync(device)
     seconds = time.perf_counter() - began
+    # compiling or autotuning on the clock: a shape the warm-up missed (the row's time then holds it)
+    args.on_the_clock = {"graphs_compiled_timed": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs,
+                         "tunings_timed": len(autotuned_tiles()) - tunings}
     # per batch on the host (ms): launch (in encode_batch), wait (in the loop's next(), launch excluded: the
     # DataLoader and the copy to the device) and sync (the consumer's wait for the result); end to end only
     args.host_ms = {k: 1e3 * host[k] / host["batches"] for k in ("launch", "next", "sync")}
     args.host_ms.update(wait=args.host_ms.pop("next") - args.host_ms["launch"] if workers >= 0 else float("nan"),
                         batch=1e3 * seconds / host["batches"])
-    lengths = [len(ids) for ids in model.tokenizer(texts)["input_ids"]]
-    return seconds, lengths, body_params(model.doc_backbone), nnz / len(texts)
+    return seconds, token_lengths(model, texts, args), body_params(model.doc_backbone), nnz / len(texts)
+
+
+def token_lengths(model, texts: list[str], args) -> list[int]:
+    """Each text's tokens, counted once per run (every variant encodes the same texts with the same tokenizer)."""
+    if getattr(args, "lengths", None) is None:
+        args.lengths = [len(ids) for ids in model.tokenizer(texts)["input_ids"]]
+    return args.lengths
+
+
+def shifted_folder(folder: Path, shift: float) -> Path:
+    """A copy of the model folder with the output bias shifted as `shift_bias` does in memory, for encode.py, which
+    loads its model from a folder."""
+    import transformers
+
+    shifted = Path(tempfile.mkdtemp(prefix="bench_shifted_"))
+    for f in folder.iterdir():
+        if "tokenizer" in f.name or f.name in ("vocab.txt", "special_tokens_map.json"):
+            shutil.copy(f, shifted / f.name)
+    backbone = transformers.BertForMaskedLM.from_pretrained(folder, dtype=torch.bfloat16)
+    shift_bias(backbone, shift)
+    backbone.save_pretrained(shifted)
+    return shifted
+
+
+def bench_script(folder: Path, texts: list[str], warm: list[str], args, workers: int, writers: int,
+                 compile_mode: str) -> dict:
+    """encode.py itself (`encode.main`) over a corpus file of `texts`: tokenise in `workers` workers, encode, prune,
+    JSON lines in `writers` processes (encode.num_writers), one gzip shard. Time: meta.json's seconds_last_run (from
+    the model loaded to the shard on disk; the check of the shards after it is left out). A first call on `warm`
+    compiles the model, as a long job amortises that."""
+    import encode
+
+    work = Path(tempfile.mkdtemp(prefix="bench_script_"))
+    for name, part in (("warm", warm), ("corpus", texts)):
+        with open(work / f"{name}.jsonl", "w") as f:
+            for i, text in enumerate(part):
+                f.write(json.dumps({"id": f"d{i}", "text": text}) + "\n")
+
+    def run(name: str, out: str) -> dict:
+        encode.main([f"--model.name_or_path={folder}", "--model.dtype=bfloat16", f"--model.compile={compile_mode}",
+                     f"--encode.input={work / name}.jsonl", f"--encode.output={work / out}",
+                     f"--encode.batch_size={args.batch}", f"--encode.num_workers={workers}",
+                     f"--encode.num_writers={writers}", f"--exp.output_dir={work}"])
+        return json.loads((work / out / "meta.json").read_text())
+
+    torch._dynamo.reset()
+    run("warm", "warm")
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    meta = run("corpus", "corpus")
+    meta["graphs_compiled_timed"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+    shutil.rmtree(work)
+    return meta
 
 
 def bench_host(model, texts, warm, args, device, workers: int, transport: str) -> float:
@@ -312,6 +379,9 @@ def main(argv=None) -> list[dict]:
                         "with (batches queued on the GPU before one is handed to the caller; 0: none)")
     parser.add_argument("--model-only", action="store_true", help="also time the model alone on batches tokenised "
                         "before the clock starts (the host pipeline's ceiling)")
+    parser.add_argument("--script-writers", default="", help="comma list of encode.num_writers to time encode.py "
+                        "itself with (bert-base; first --workers and --compile values): reading the corpus file to "
+                        "writing the shard")
     parser.add_argument("--profile", action="store_true", help="print the CUDA kernels of the model-only variants "
                         "(torch.profiler over the warm-up batches)")
     parser.add_argument("--target-nnz", type=int, default=150, help="shift the output bias to ~this many terms per "
@@ -320,6 +390,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
+    if args.script_writers and args.model != "bert-base":
+        parser.error("--script-writers: bert-base only (a Llama has no output bias to shift in its saved folder)")
     if args.tiny:
         args.docs, args.batch, args.min_words, args.max_words = 40, 8, 5, 30
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -328,8 +400,7 @@ def main(argv=None) -> list[dict]:
     folder, cfg = make_model_folder(args.model, args.tiny)
     words = cfg.vocab_size - (5 if args.model == "bert-base" else 4)
     texts = make_texts(args.docs, words, args.min_words, args.max_words)
-    # the warm-up covers the range of lengths: under compile every padded width is seen (and recorded) once
-    warm = make_texts(8 * args.batch, words, args.min_words, args.max_words, seed=1)
+    warm = warm_texts(8 * args.batch, words, args.min_words, args.max_words, args.batch)
     args.shift = None
     rows = []
     heads, modes, packs = args.heads.split(","), args.compile.split(","), args.packed.split(",")
@@ -378,12 +449,25 @@ def main(argv=None) -> list[dict]:
                          peak_mem_gib=peak, nnz_mean=nnz,
                          **{f"{k}_ms_per_batch": v for k, v in args.host_ms.items()},
                          compiled_graphs=torch._dynamo.utils.counters["stats"]["unique_graphs"],
-                         tiles=autotuned_tiles()))
+                         tiles=autotuned_tiles(), **args.on_the_clock))
         # as it comes, so that a run cut short by a time limit still reports what it measured
-        print(f"measured {name}: {rows[-1]['docs_per_s']:.0f} docs/s, MFU {rows[-1]['mfu']:.1%}", flush=True)
+        print(f"measured {name}: {rows[-1]['docs_per_s']:.0f} docs/s, MFU {rows[-1]['mfu']:.1%}; on the clock: "
+              f"{args.on_the_clock['graphs_compiled_timed']} graphs compiled, {args.on_the_clock['tunings_timed']} "
+              "kernel tunings", flush=True)
+    torch.set_num_threads(default_threads)
+    folder_shifted = shifted_folder(folder, args.shift) if args.script_writers else None
+    script_workers = int(args.workers.split(",")[0])
+    for n in [int(n) for n in args.script_writers.split(",")] if args.script_writers else []:
+        meta = bench_script(folder_shifted, texts, warm, args, script_workers, n, modes[0])
+        seconds = meta["seconds_last_run"]
+        name = f"encode.py ({script_workers} tokenizer workers, {n} writers, torch.compile {modes[0]})"
+        rows.append(dict(base, system=name, seconds=seconds, docs_per_s=args.docs / seconds,
+                         tokens_per_s=sum(lengths) / seconds, mfu=flop / seconds / (args.peak_tflops * 1e12),
+                         nnz_mean=meta["nnz_mean"], graphs_compiled_timed=meta["graphs_compiled_timed"]))
+        print(f"measured {name}: {rows[-1]['docs_per_s']:.0f} docs/s, MFU {rows[-1]['mfu']:.1%}; on the clock: "
+              f"{meta['graphs_compiled_timed']} graphs compiled", flush=True)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    torch.set_num_threads(default_threads)
     if not args.skip_st:
         try:
             st_seconds, st_nnz = bench_st(folder, texts, warm, args, device)

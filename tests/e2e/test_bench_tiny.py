@@ -58,6 +58,18 @@ def test_encode_bench_tiny():
     assert max(nnz) - min(nnz) < 0.1 * max(nnz), nnz
 
 
+def test_encode_bench_times_encode_py_tiny():
+    from bench import encode_gpu
+
+    rows = encode_gpu.main(["--tiny", "--workers", "0", "--skip-serial", "--skip-st", "--script-writers", "0,1"])
+    assert [r["system"] for r in rows] == ["ours (0 tokenizer workers)"] + [
+        f"encode.py (0 tokenizer workers, {n} writers, torch.compile none)" for n in (0, 1)]
+    assert all(r["docs_per_s"] > 0 for r in rows)
+    # encode.py loads the folder saved with the shifted bias: its shards hold the bench's term counts
+    nnz = [r["nnz_mean"] for r in rows]
+    assert max(nnz) - min(nnz) < 0.1 * max(nnz) and max(nnz) < 500, nnz
+
+
 def test_encode_head_bench_tiny():
     from bench import encode_head
 
