@@ -169,27 +169,30 @@ def main(argv=None) -> Path:
     ids, texts = read_input(enc.input, enc.kind)
 
     accelerator = Accelerator(**accelerator_kwargs())
-    cfg.model.name_or_path = resolve_model_path(cfg)
-    if accelerator.device.type == "cuda" and cfg.model.dtype == "float32":
-        cfg.model.dtype = "bfloat16"  # inference in bf16 on GPU; the head pools in float32
-    model = build_model(cfg.model).to(accelerator.device).eval()
-    if enc.max_length:
-        setattr(model.spec, "max_query_len" if is_query else "max_doc_len", enc.max_length)
-    vocab = id_to_token_list(model.tokenizer)
     per_shard = enc.shard_size or math.ceil(len(ids) / accelerator.num_processes)
     n_shards = math.ceil(len(ids) / per_shard)
     mine = [s for s in range(accelerator.process_index, n_shards, accelerator.num_processes)
             if not (out / shard_name(s)).is_file()]
-    out.mkdir(parents=True, exist_ok=True)
     todo = sum(min(per_shard, len(ids) - s * per_shard) for s in mine)
-    logger.info(f"encoding {len(ids)} {'queries' if is_query else 'documents'} with {cfg.model.name_or_path} into "
-                f"{n_shards} shard(s) on {accelerator.num_processes} process(es); this process: {len(mine)} to do",
-                main_process_only=False)
-    if enc.num_workers:  # workers hand batches over by shared-memory file name, not by descriptor: 2.5-3.2% more
-        torch.multiprocessing.set_sharing_strategy("file_system")  # docs/s on an H200 (bench/RESULTS.md, runs Z1, Z3)
-    started = time.time()
-    progress = tqdm(total=todo, disable=not accelerator.is_main_process, desc="encode", unit="text")
-    with VectorWriters(vocab, enc.quant_scale, enc.num_writers) as writers:
+    # the writer processes start first: their start-up (each imports torch: 7-14 s on an H200 host, runs Z15-Z16) runs
+    # while the model loads, instead of holding up the first batches (bench/RESULTS.md)
+    with VectorWriters(enc.num_writers if mine else 0) as writers:
+        cfg.model.name_or_path = resolve_model_path(cfg)
+        if accelerator.device.type == "cuda" and cfg.model.dtype == "float32":
+            cfg.model.dtype = "bfloat16"  # inference in bf16 on GPU; the head pools in float32
+        model = build_model(cfg.model).to(accelerator.device).eval()
+        if enc.max_length:
+            setattr(model.spec, "max_query_len" if is_query else "max_doc_len", enc.max_length)
+        vocab = id_to_token_list(model.tokenizer)
+        writers.start(vocab, enc.quant_scale)
+        out.mkdir(parents=True, exist_ok=True)
+        logger.info(f"encoding {len(ids)} {'queries' if is_query else 'documents'} with {cfg.model.name_or_path} "
+                    f"into {n_shards} shard(s) on {accelerator.num_processes} process(es); this process: "
+                    f"{len(mine)} to do", main_process_only=False)
+        if enc.num_workers:  # workers hand batches over by shared-memory file name, not by descriptor: 2.5-3.2%
+            torch.multiprocessing.set_sharing_strategy("file_system")  # more docs/s on an H200 (runs Z1, Z3)
+        started = time.time()
+        progress = tqdm(total=todo, disable=not accelerator.is_main_process, desc="encode", unit="text")
         for shard in mine:
             lo, hi = shard * per_shard, min(len(ids), (shard + 1) * per_shard)
             rows: list[tuple[str, int] | None] = [None] * (hi - lo)  # (vector JSON, nnz) in input order

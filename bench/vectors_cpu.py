@@ -57,7 +57,7 @@ def best_ms(fn, repeats: int) -> float:
 def time_writers(processes: int, pruned: list, vocab: list[str], args) -> dict:
     """encode.py's loop after `prune`, N writer processes: every batch submitted, drained, written as lines."""
     expected = vector_rows(pruned, vocab, 0.0)
-    with VectorWriters(vocab, 0.0, processes) as writers:
+    with VectorWriters(processes, vocab) as writers:
         writers.submit(-1, pruned[:1])  # start the workers before the clock
         writers.drain()
         began, cpu = time.perf_counter(), time.process_time()

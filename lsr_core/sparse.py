@@ -80,15 +80,23 @@ def vector_rows(pruned: list, vocab: list[str], scale: float = 0.0) -> list[tupl
     return rows
 
 
-_WORKER_ARGS: tuple = ()  # (vocab, scale) in a VectorWriters process
+_WORKER_SETUP = None  # in a VectorWriters process: the queue its (vocab, scale) comes through
+_WORKER_ARGS: tuple = ()  # in a VectorWriters process: (vocab, scale), once taken from that queue
 
 
-def _start_worker(vocab: list[str], scale: float) -> None:
-    global _WORKER_ARGS
-    _WORKER_ARGS = (vocab, scale)
+def _start_worker(setup) -> None:
+    global _WORKER_SETUP
+    _WORKER_SETUP = setup
+
+
+def _worker_ready() -> None:
+    """A no-op job: submitting one per process makes the pool start them all at once."""
 
 
 def _worker_rows(pruned: list) -> list[tuple[str, int]]:
+    global _WORKER_ARGS
+    if not _WORKER_ARGS:  # this process's first batch: one (vocab, scale) per process is queued by start()
+        _WORKER_ARGS = _WORKER_SETUP.get()
     return vector_rows(pruned, *_WORKER_ARGS)
 
 
@@ -96,17 +104,38 @@ class VectorWriters:
     """`vector_rows` for each submitted batch, in `processes` worker processes while the caller goes on (encode.py:
     the model runs the next batches), or at submission in this process when `processes` is 0. Results come back in
     submission order, paired with the caller's key; at most 2 x `processes` batches wait, so memory stays flat. A
-    worker's error is raised where its batch's result is taken. Use as a context manager."""
+    worker's error is raised where its batch's result is taken. Use as a context manager.
 
-    def __init__(self, vocab: list[str], scale: float = 0.0, processes: int = 0):
-        self.vocab, self.scale, self.limit = vocab, scale, 2 * processes
+    The processes start when the object is made; the vocabulary, which comes with the model, follows in `start()`
+    (given at once with `vocab`). Starting a process takes seconds (it imports torch), which the caller spends
+    loading its model."""
+
+    def __init__(self, processes: int = 0, vocab: list[str] | None = None, scale: float = 0.0):
+        self.processes, self.limit = processes, 2 * processes
+        self.vocab, self.scale = None, 0.0
         self.pending = collections.deque()
-        # spawn: forking a process that holds CUDA state or torch's threads is unsafe
-        self.pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=_start_worker, initargs=(vocab, scale)) if processes else None
+        self.pool = None
+        if processes:
+            # spawn: forking a process that holds CUDA state or torch's threads is unsafe
+            context = multiprocessing.get_context("spawn")
+            self.setup = context.SimpleQueue()
+            self.pool = ProcessPoolExecutor(processes, mp_context=context, initializer=_start_worker,
+                                            initargs=(self.setup,))
+            for _ in range(processes):  # the pool starts a process per job it cannot hand to an idle one
+                self.pool.submit(_worker_ready)
+        if vocab is not None:
+            self.start(vocab, scale)
+
+    def start(self, vocab: list[str], scale: float = 0.0) -> None:
+        """The vocabulary (token id -> string) and quantisation scale for every batch from now on."""
+        self.vocab, self.scale = vocab, scale
+        for _ in range(self.processes):
+            self.setup.put((vocab, scale))
 
     def submit(self, key, pruned: list) -> list[tuple]:
         """Queue one batch; returns the (key, rows) pairs finished and no longer waiting, oldest first."""
+        if self.vocab is None:
+            raise RuntimeError("VectorWriters.submit before start(vocab)")
         job = self.pool.submit(_worker_rows, pruned) if self.pool else vector_rows(pruned, self.vocab, self.scale)
         self.pending.append((key, job))
         return [self._take() for _ in range(len(self.pending) - self.limit)]

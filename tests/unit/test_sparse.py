@@ -74,11 +74,11 @@ def test_shard_rows_from_dumped_vectors_equal_rows_from_dicts(tmp_path):
     assert json.loads(by_json.rows[0])["id"] == "d0é"
 
 
-@pytest.mark.parametrize("processes", [0, 1])
+@pytest.mark.parametrize("processes", [0, 2])
 def test_vector_writers_give_each_batch_its_rows_in_order(processes):
     batches = _batches(7)
     got = []
-    with VectorWriters(VOCAB, 100.0, processes) as writers:
+    with VectorWriters(processes, VOCAB, 100.0) as writers:
         for key, pruned in enumerate(batches):
             done = writers.submit(key, pruned)
             assert len(writers.pending) <= 2 * processes  # at most 2 x processes batches wait
@@ -88,10 +88,23 @@ def test_vector_writers_give_each_batch_its_rows_in_order(processes):
     assert [rows for _, rows in got] == [vector_rows(pruned, VOCAB, 100.0) for pruned in batches]
 
 
+def test_vector_writers_start_before_the_vocabulary_is_known():
+    """encode.py makes the writers before loading the model (their processes start meanwhile), then gives them the
+    model's vocabulary: each process takes its own copy with its first batch."""
+    batches = _batches(6)
+    with VectorWriters(2) as writers:
+        with pytest.raises(RuntimeError, match="before start"):
+            writers.submit(0, batches[0])
+        writers.start(VOCAB, 100.0)
+        got = [rows for pruned in batches for _, rows in writers.submit(None, pruned)]
+        got += [rows for _, rows in writers.drain()]
+    assert got == [vector_rows(pruned, VOCAB, 100.0) for pruned in batches]
+
+
 def test_a_writer_process_error_is_raised_with_its_batch():
     (pruned,) = _batches(1)
     pruned[2][1][0] = float("nan")  # cannot be quantised
-    with VectorWriters(VOCAB, 100.0, 1) as writers:
+    with VectorWriters(1, VOCAB, 100.0) as writers:
         writers.submit("bad", pruned)
         with pytest.raises(ValueError, match="not finite"):
             writers.drain()
