@@ -270,9 +270,7 @@ def shifted_folder(folder: Path, shift: float) -> Path:
     import transformers
 
     shifted = Path(tempfile.mkdtemp(prefix="bench_shifted_"))
-    for f in folder.iterdir():
-        if "tokenizer" in f.name or f.name in ("vocab.txt", "special_tokens_map.json"):
-            shutil.copy(f, shifted / f.name)
+    shutil.copytree(folder, shifted, dirs_exist_ok=True)  # the tokenizer's files; the weights are written over
     backbone = transformers.BertForMaskedLM.from_pretrained(folder, dtype=torch.bfloat16)
     shift_bias(backbone, shift)
     backbone.save_pretrained(shifted)
