@@ -45,7 +45,8 @@ def make_cells(prompts):
     from encode import read_input
     from lsr_core.config import load_config
     from lsr_core.modeling import load_tokenizer
-    from lsr_core.sparse import ShardWriter, id_to_token_list, load_vectors, shard_name
+    from lsr_core.sparse import (ShardWriter, id_to_token_list, load_vectors, nnz_stats, read_meta, shard_name,
+                                 write_meta)
 
     cfg = load_config(["--cfg", "yamls/zeroshot/smollm2_135m.yaml"])
     tok = load_tokenizer(cfg.model.name_or_path, cfg.model.gguf_file)
@@ -74,7 +75,10 @@ def make_cells(prompts):
                 writer = ShardWriter(out / "encode/corpus" / shard_name(0))
                 for rid in ids:
                     writer.add(rid, topk(restrict(source[rid], allowed[rid]) if intext == "true" else source[rid], k))
-                writer.close()
+                stats = writer.close()
+                # index.py checks the folder against its meta.json: the source's, with this cell's counts
+                write_meta(out / "encode/corpus", {**read_meta(ROOT / f"{prompt}-intext_false/encode/corpus"),
+                                                   "shards": 1, "topk": k, **nnz_stats(stats["nnz"])})
                 base = [f"--exp.output_dir={out}", f"--exp.name={name}", "--index.engine=exact"]
                 index.main(base)
                 search.main(base + [f"--search.queries={ROOT / f'{prompt}-intext_{intext}/encode/queries'}",

@@ -161,6 +161,7 @@ class SearchConfig:
     seismic_query_cut: int = 20  # 20 / 0.8: best recall-latency trade-off in bench/RESULTS.md
     seismic_heap_factor: float = 0.8
     latency_sample: int = 1000  # queries re-run one at a time (1 thread) for ms/query mean/p99; 0 = skip
+    force: bool = False  # search queries encoded by another model or vocabulary than the index's documents (warned)
 
 
 @dataclass

@@ -10,14 +10,16 @@ of the documents (saved as vocab.json); query tokens absent from it cannot match
 in docid order, so "docid ascending" is the integer order every engine breaks ties with: results are sorted by
 (score desc, docid asc). Empty queries (no known token) return [] and are counted in `engine.empty_queries`.
 
-Folder layout: engine.json (engine name + build params), ids.json, vocab.json, and the engine's own files:
-exact docs.npz | qdrant-edge qdrant/ | seismic index.index.seismic | milvus milvus.db (milvus-lite) or a cluster URI.
+Folder layout: engine.json (engine name, build params, and the numbers of docs, vocab tokens and vectors stored),
+ids.json, vocab.json, and the engine's own files: exact docs.npz | qdrant-edge qdrant/ | seismic index.index.seismic |
+milvus milvus.db (milvus-lite) or a cluster URI. `load` turns a missing or corrupt file, or one that holds another
+number of docs than engine.json records, into an InputError naming it.
 """
 from __future__ import annotations
 
-import json
 import logging
 import warnings
+import zipfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,7 +28,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from lsr_core.sparse import to_csr
-from lsr_core.utils import InputError, atomic_write_json
+from lsr_core.utils import InputError, atomic_write_json, read_json
+
+REBUILD = "rebuild it with index.py"
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +50,10 @@ def _as_csr(vectors, vocab: dict[str, int] | None):
     mat.eliminate_zeros()
     mat.sort_indices()
     return mat, vocab
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine's server cannot start or be reached (not a fault of the index files)."""
 
 
 def _chunks(n: int, parts: int) -> list[np.ndarray]:
@@ -92,15 +100,36 @@ class Engine:
         for tok, col in self.vocab.items():
             tokens[col] = tok
         atomic_write_json(folder / "vocab.json", tokens)
-        atomic_write_json(folder / "engine.json", {"engine": self.name, "params": self.params})
+        # the counts let `open` notice files that lost documents yet still load
+        atomic_write_json(folder / "engine.json", {"engine": self.name, "params": self.params,
+                                                   "docs": len(self.doc_ids), "vocab": len(self.vocab),
+                                                   "stored": self._stored()})
         return self
 
     def open(self, folder: str | Path) -> "Engine":
         folder = Path(folder)
-        self.doc_ids = json.loads((folder / "ids.json").read_text())
-        self.vocab = {tok: col for col, tok in enumerate(json.loads((folder / "vocab.json").read_text()))}
-        self._open(folder)
+        info = load_info(folder)
+        self.doc_ids = _read_strings(folder / "ids.json")
+        self.vocab = {tok: col for col, tok in enumerate(_read_strings(folder / "vocab.json"))}
+        for key, have in (("docs", len(self.doc_ids)), ("vocab", len(self.vocab))):
+            if key in info and info[key] != have:
+                name = "ids.json" if key == "docs" else "vocab.json"
+                raise InputError(f"{folder / name}: {have} entries, engine.json records {info[key]}; {REBUILD}")
+        data = self.data_path(folder)
+        try:
+            self._open(folder)
+            stored = self._stored()
+        except (KeyboardInterrupt, SystemExit, InputError, EngineUnavailable):
+            raise
+        except BaseException as err:  # pyo3 engines raise PanicException (a BaseException) on some corrupt files
+            raise InputError(f"{data}: corrupt index file ({_one_line(err)}); {REBUILD}") from None
+        if "stored" in info and stored != info["stored"]:
+            raise InputError(f"{data}: holds {stored} vectors, engine.json records {info['stored']}; {REBUILD}")
         return self
+
+    def data_path(self, folder: Path) -> str:
+        """Where the engine keeps its own data, for messages."""
+        return str(folder / self.marker)
 
     def search(self, query_vectors, topk: int, threads: int = 1) -> list[list[tuple[str, float]]]:
         if topk <= 0 or threads <= 0:
@@ -128,6 +157,10 @@ class Engine:
     def _open(self, folder: Path) -> None:
         raise NotImplementedError
 
+    def _stored(self) -> int:
+        """Number of vectors the engine's own data holds (qdrant-edge and milvus leave empty documents out)."""
+        raise NotImplementedError
+
     def _search(self, queries, topk: int, threads: int) -> list:
         raise NotImplementedError
 
@@ -142,7 +175,15 @@ class ExactEngine(Engine):
         sp.save_npz(folder / "docs.npz", self.docs_t, compressed=False)  # fast reload over small files
 
     def _open(self, folder):
-        self.docs_t = sp.load_npz(folder / "docs.npz").tocsr()
+        if not zipfile.is_zipfile(folder / "docs.npz"):  # else numpy tries it as a pickle and says so
+            raise InputError(f"{folder / 'docs.npz'}: corrupt index file (not a .npz archive); {REBUILD}")
+        self.docs_t = sp.load_npz(folder / "docs.npz").tocsr()  # allow_pickle=False inside: no code runs from it
+        if self.docs_t.shape[0] != len(self.vocab):
+            raise InputError(f"{folder / 'docs.npz'}: {self.docs_t.shape[0]} token rows for {len(self.vocab)} "
+                             f"tokens in vocab.json; {REBUILD}")
+
+    def _stored(self):
+        return self.docs_t.shape[1]
 
     def _search(self, queries, topk, threads):
         def score(rows):
@@ -196,6 +237,9 @@ class QdrantEdgeEngine(Engine):
 
         self.shard = qe.EdgeShard.load(str(folder / "qdrant"))
 
+    def _stored(self):
+        return self.shard.info().points_count
+
     def _search(self, queries, topk, threads):
         import qdrant_edge as qe
 
@@ -246,6 +290,9 @@ class SeismicEngine(Engine):
     def _open(self, folder):
         self.index = self._classes()[1].load(str(folder / self.marker))
 
+    def _stored(self):
+        return self.index.len
+
     def _search(self, queries, topk, threads):
         import seismic
 
@@ -283,7 +330,7 @@ class MilvusEngine(Engine):
                 self.client = MilvusClient(self.params.get("uri") or self.lite_path)
             except Exception as err:
                 where = self.params.get("uri") or f"milvus-lite at {self.lite_path}"
-                raise RuntimeError(f"milvus: cannot start or reach {where}: {err}") from err
+                raise EngineUnavailable(f"milvus: cannot start or reach {where}: {err}") from err
         self.collection = self.params.get("collection") or "lsr_docs"
 
     def _build(self, docs, folder):
@@ -314,10 +361,27 @@ class MilvusEngine(Engine):
         client.load_collection(name)
 
     def _open(self, folder):
-        self._connect(folder)
+        if self.params.get("uri"):
+            self._connect(folder)
+        else:
+            lite = folder / self.lite_file
+            if not lite.is_file():  # milvus-lite would create an empty database in its place
+                raise InputError(f"{lite}: file not found; {REBUILD}")
+            try:
+                self._connect(folder)
+            except EngineUnavailable as err:  # the server starts, or not, from this file: it cannot tell us why
+                raise InputError(f"{lite}: milvus-lite cannot open it ({_one_line(err.__cause__ or err)}): a corrupt "
+                                 f"index file, or milvus-lite cannot run on this machine; {REBUILD}") from None
         if not self.client.has_collection(self.collection):
             raise InputError(f"index not found: {folder} (milvus collection '{self.collection}' is missing)")
         self.client.load_collection(self.collection)
+
+    def _stored(self):
+        return int(self.client.get_collection_stats(self.collection)["row_count"])
+
+    def data_path(self, folder):
+        uri = self.params.get("uri")
+        return f"{uri} (collection {self.collection})" if uri else str(folder / self.lite_file)
 
     def _search(self, queries, topk, threads):
         def run(rows):
@@ -366,12 +430,30 @@ def build(engine: str, doc_ids: list[str], doc_vectors, folder: str | Path, para
     return engine_class(engine)(params).build(doc_ids, doc_vectors, folder)
 
 
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:300] or type(err).__name__
+
+
+def _read_strings(path: Path) -> list[str]:
+    """ids.json / vocab.json: a JSON list of strings."""
+    value = read_json(path, REBUILD)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InputError(f"{path}: corrupt index file (expected a JSON list of strings); {REBUILD}")
+    return value
+
+
 def load_info(folder: str | Path) -> dict:
-    """engine.json of an index folder: {"engine": name, "params": build params}."""
+    """engine.json of an index folder: {"engine": name, "params": build params, "docs", "vocab", "stored": counts}
+    (indexes built before the counts existed lack them)."""
     path = Path(folder) / "engine.json"
     if not path.is_file():
         raise InputError(f"index not found: {folder} (run index.py first)")
-    return json.loads(path.read_text())
+    info = read_json(path, REBUILD)
+    if not isinstance(info, dict) or not isinstance(info.get("params"), dict) or info.get("engine") not in ENGINES:
+        engine = info.get("engine") if isinstance(info, dict) else None
+        raise InputError(f"{path}: corrupt index file (expected {{'engine': one of {sorted(ENGINES)}, "
+                         f"'params': {{...}}}}, got engine {engine!r}); {REBUILD}")
+    return info
 
 
 def load(folder: str | Path, engine: str = "", params: dict | None = None) -> Engine:

@@ -10,6 +10,7 @@ A shard is complete once its file exists (written atomically); a `.tmp` is never
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import math
 import multiprocessing
@@ -20,7 +21,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from lsr_core.utils import InputError, atomic_write_json, read_jsonl
+from lsr_core.utils import InputError, atomic_write_json, read_json, read_jsonl
 
 SHARD_PATTERN = "part-*.jsonl.gz"
 
@@ -289,6 +290,52 @@ def read_meta(folder: str | Path) -> dict:
     if not path.is_file():
         return {}
     return json.loads(path.read_text())
+
+
+def vocab_hash(vocab: list[str]) -> str:
+    """Names a vocabulary (`id_to_token_list`) in meta.json: the first 16 hex digits of sha256 over its tokens, one
+    a line."""
+    return hashlib.sha256("\n".join(vocab).encode("utf-8")).hexdigest()[:16]
+
+
+def check_encoded(folder: str | Path) -> dict:
+    """meta.json of a finished shard folder (encode.py / zeroshot_prompt.py), once every shard it records is there.
+
+    encode.py writes meta.json last, so a folder without it is unfinished; shards missing or not recorded mean a run
+    was cut short or two runs mixed. The number of lines is checked against meta["count"] by `load_encoded`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: encoded folder not found (run encode.py first)")
+    if not (folder / "meta.json").is_file():
+        raise InputError(f"{folder}: no meta.json, so encode.py did not finish this folder; "
+                         f"re-run encode.py to finish it")
+    meta = read_json(folder / "meta.json", "re-run encode.py")
+    for key in ("count", "shards"):
+        if not isinstance(meta, dict) or not isinstance(meta.get(key), int) or meta[key] < 0:
+            raise InputError(f"{folder / 'meta.json'}: field '{key}' missing or not a count; re-run encode.py")
+    expected = [shard_name(i) for i in range(meta["shards"])]
+    present = {p.name for p in folder.glob(SHARD_PATTERN)}
+    missing = [name for name in expected if name not in present]
+    if missing:
+        raise InputError(f"{folder}: {len(expected) - len(missing)} of {len(expected)} shards "
+                         f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} missing); meta.json records "
+                         f"{len(expected)}; re-run encode.py to finish")
+    extra = sorted(present - set(expected))
+    if extra:
+        raise InputError(f"{folder}: {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''} not among the "
+                         f"{len(expected)} shards meta.json records (output of two runs?); remove the folder and "
+                         f"re-run encode.py")
+    return meta
+
+
+def load_encoded(folder: str | Path) -> tuple[list[str], list[dict], dict]:
+    """(ids, vectors, meta) of a finished shard folder: `check_encoded`, then every line, as many as meta.json says."""
+    meta = check_encoded(folder)
+    ids, vectors = load_vectors(folder)
+    if len(ids) != meta["count"]:
+        raise InputError(f"{folder}: {len(ids)} vectors in {meta['shards']} shard(s), but meta.json records "
+                         f"{meta['count']} (a shard was cut short or replaced); re-run encode.py")
+    return ids, vectors, meta
 
 
 def p99(values) -> float:

@@ -7,6 +7,9 @@ import gzip
 import itertools
 import json
 import os
+import re
+import shutil
+import socket
 import struct
 import tempfile
 import zlib
@@ -26,7 +29,8 @@ def atomic_open(path: str | Path, mode: str = "w", compress: bool = True):
     gzip-compressed unless `compress` is False (bytes already compressed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # the writer's host and pid in the name let a later run sweep what a killed one left (`sweep_stale`)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{owner_tag()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         if path.suffix == ".gz" and compress:
@@ -40,6 +44,55 @@ def atomic_open(path: str | Path, mode: str = "w", compress: bool = True):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def owner_tag() -> str:
+    """`<host>-<pid>` of this process: temp files and folders carry it so a later run knows whether their writer is
+    gone (`sweep_stale`)."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def sweep_stale(folder: str | Path, prefixes: Iterable[str]) -> list[Path]:
+    """Remove what killed runs left in `folder`: temp files (`atomic_open`'s `<prefix><host>-<pid>.<random>.tmp`) and
+    folders (`<prefix><host>-<pid>`, index.py's) of this host whose process no longer runs. Those of a running
+    process, or of another host sharing the folder, are kept: their writer may still be at work."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    mine = re.compile(re.escape(socket.gethostname()) + r"-(\d+)(\.\w+\.tmp)?")
+    removed = []
+    for path in sorted(folder.iterdir()):
+        tags = [path.name[len(p):] for p in prefixes if path.name.startswith(p)]
+        match = next((m for m in map(mine.fullmatch, tags) if m), None)
+        if match is None or _running(int(match.group(1))):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def read_json(path: str | Path, fix: str):
+    """A JSON file written by one of our steps; missing or unreadable: InputError `<path>: ... ; <fix>`."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found; {fix}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: corrupt file ({err}); {fix}") from None
 
 
 _GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name, mtime 0, unknown OS
