@@ -71,7 +71,7 @@ def _parallel(fn, n: int, threads: int) -> list:
 
 class Engine:
     """Base: vocab, docid mapping, query validation and result ordering. Subclasses implement `_build`, `_open`,
-    `_search(queries CSR [n, vocab], topk, threads) -> [[(doc_number, score), ...]]`."""
+    `_stored` and `_search(queries CSR [n, vocab], topk, threads) -> [[(doc_number, score), ...]]`."""
 
     name = ""
     marker = ""  # a file or folder that exists once the index is built
