@@ -27,14 +27,13 @@ from tqdm import tqdm
 from lsr_core import engines
 from lsr_core.config import load_config, save_config
 from lsr_core.sparse import load_vectors, p99
-from lsr_core.utils import InputError, atomic_open, atomic_write_json
+from lsr_core.utils import InputError, atomic_open, atomic_write_json, run_script
 
 logger = logging.getLogger("search")
 
 
 def main(argv: list[str] | None = None) -> Path:
     cfg = load_config(sys.argv[1:] if argv is None else argv, runs_model=False)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     queries_dir = Path(cfg.search.queries or cfg.output_dir / "encode" / "queries")
     index_dir = Path(cfg.search.index or cfg.output_dir / "index" / (cfg.search.engine or cfg.index.engine))
     name = cfg.search.name or cfg.exp.name
@@ -86,4 +85,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)
