@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes, text readers with file:line errors, seeding."""
+"""Small shared helpers: atomic writes, text readers with file:line errors, seeding, the scripts' `__main__`."""
 from __future__ import annotations
 
 import collections
@@ -208,11 +208,11 @@ def read_texts(path: str | Path, allow_empty: bool = False) -> Iterator[tuple[st
         text_key = next((k for k in ("text", "contents", "query") if k in obj), None)
         if text_key is None:
             raise InputError(f"{path}:{lineno}: missing field 'text'")
-        text = obj[text_key]
-        title = obj.get("title")
+        text, title = obj[text_key], obj.get("title")
         if title:
             if not isinstance(title, str):
                 raise InputError(f"{path}:{lineno}: field 'title' must be a string, got {type(title).__name__}")
+            _check_text(path, lineno, rid, text, allow_empty=True)
             text = f"{title}: {text}"
         _check_text(path, lineno, rid, text, allow_empty)
         yield rid, text

@@ -109,6 +109,7 @@ def test_tsv_line_with_a_tab_in_its_text_is_an_error(tmp_path):
     ('{"id": null, "text": "a"}\n', ":1: field 'id' must be a string, got NoneType None$"),
     ('{"id": "q1", "text": 3}\n', ":1: field 'text' must be a string, got int$"),
     ('{"id": "q1", "title": ["t"], "text": "a"}\n', ":1: field 'title' must be a string, got list$"),
+    ('{"id": "q1", "title": "t", "text": null}\n', ":1: field 'text' must be a string, got NoneType$"),
 ])
 def test_bad_ids_and_fields_name_file_and_line(tmp_path, content, message):
     path = tmp_path / ("q.jsonl" if content.startswith("{") else "q.tsv")
