@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import logging
 import math
 import sys
 import time
@@ -31,24 +30,26 @@ from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
 from lsr_core.config import ConfigError, config_hash, load_config, save_config
-from lsr_core.modeling import ModelLoadError, build_model
+from lsr_core.modeling import build_model
 from lsr_core.sparse import (ShardWriter, VectorWriters, flops_estimate, id_to_token_list, load_vectors, nnz_stats,
                              prune, read_vectors, shard_name, write_meta)
-from lsr_core.utils import InputError, accelerator_kwargs, read_texts
+from lsr_core.utils import InputError, accelerator_kwargs, check_id, read_texts, run_script
 
 logger = get_logger(__name__)
 
 
 def read_input(path: str, kind: str) -> tuple[list[str], list[str]]:
-    """(ids, texts) from any supported input; duplicate ids are an error, empty queries too (empty docs are kept)."""
+    """(ids, texts) from any supported input; duplicate ids are an error, empty queries too (empty docs are kept).
+    Ids must be non-empty and free of whitespace (`check_id`); errors name the file's line, or a table's row."""
     allow_empty = kind == "doc"
+    from_table = path.startswith("irds:") or path.endswith((".parquet", ".arrow", ".csv"))  # rows, not lines
     if path.startswith("irds:"):
         import ir_datasets
 
         dataset = ir_datasets.load(path[len("irds:"):])
         rows = ((d.doc_id, getattr(d, "text", "") or getattr(d, "body", "")) for d in dataset.docs_iter()) \
             if kind == "doc" else ((q.query_id, q.text) for q in dataset.queries_iter())
-    elif path.endswith((".parquet", ".arrow", ".csv")):
+    elif from_table:
         import datasets
 
         table = datasets.load_dataset(path.rsplit(".", 1)[-1], data_files=path, split="train")
@@ -56,15 +57,19 @@ def read_input(path: str, kind: str) -> tuple[list[str], list[str]]:
         if id_col is None or "text" not in table.column_names:
             raise InputError(f"{path}: needs an id column (id/_id/docid/qid) and a 'text' column, "
                              f"found {table.column_names}")
-        rows = ((str(r[id_col]), r["text"] or "") for r in table)
+        rows = ((r[id_col], "" if r["text"] is None else r["text"]) for r in table)
     else:
-        rows = read_texts(path, allow_empty=allow_empty)
+        rows = read_texts(path, allow_empty=allow_empty)  # checks ids and texts, naming file:line
     ids, texts, seen = [], [], set()
-    for rid, text in rows:
+    for row, (rid, text) in enumerate(rows, 1):
+        if from_table:
+            rid = check_id(path, row, rid, row=True)
+            if not isinstance(text, str):
+                raise InputError(f"{path}: row {row}: field 'text' must be a string, got {type(text).__name__}")
         if rid in seen:
-            raise InputError(f"{path}: duplicate id '{rid}'")
+            raise InputError(f"{path}: {f'row {row}: ' if from_table else ''}duplicate id '{rid}'")
         if not allow_empty and not text.strip():
-            raise InputError(f"{path}: empty query text for id '{rid}'")
+            raise InputError(f"{path}: {f'row {row}: ' if from_table else ''}empty query text for id '{rid}'")
         seen.add(rid)
         ids.append(rid)
         texts.append(text)
@@ -256,8 +261,4 @@ def summarize(cfg, out: Path, ids: list[str], n_shards: int, is_query: bool, voc
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        main()
-    except (ConfigError, InputError, ModelLoadError) as err:
-        sys.exit(f"error: {err}")
+    run_script(main)

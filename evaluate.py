@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
 from lsr_core.config import ConfigError, load_config, save_config
 from lsr_core.metrics import check_qrels, evaluate_run, mean_scores, paired_tests, parse_metric, read_run
-from lsr_core.utils import atomic_open, atomic_write_json, load_texts, read_qrels
+from lsr_core.utils import (InputError, atomic_open, atomic_write_json, load_texts, read_json, read_qrels,
+                            run_script)
 
 logger = logging.getLogger("evaluate")
 
@@ -83,8 +85,13 @@ def find_flops(run_path: str) -> float | None:
     for meta in [Path(f"{run}.meta.json"), run.with_suffix(".meta.json"), run.parent / "meta.json",
                  encode / "meta.json", encode / "queries" / "meta.json", encode / "corpus" / "meta.json"]:
         if meta.is_file():
-            flops = json.loads(meta.read_text()).get("flops")
+            data = read_json(meta)
+            if not isinstance(data, dict):
+                raise InputError(f"{meta}: expected a JSON object, got {type(data).__name__}")
+            flops = data.get("flops")
             if flops is not None:
+                if type(flops) not in (int, float) or not math.isfinite(flops):
+                    raise InputError(f"{meta}: field 'flops' must be a finite number, got {json.dumps(flops)}")
                 return float(flops)
     return None
 
@@ -178,5 +185,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main()
+    run_script(main)

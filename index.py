@@ -29,7 +29,7 @@ from pathlib import Path
 from lsr_core import engines
 from lsr_core.config import load_config, save_config
 from lsr_core.sparse import load_encoded, write_meta
-from lsr_core.utils import InputError, owner_tag, sweep_stale
+from lsr_core.utils import InputError, owner_tag, run_script, sweep_stale
 
 logger = logging.getLogger("index")
 
@@ -41,7 +41,6 @@ def folder_size(folder: Path) -> int:
 
 def main(argv: list[str] | None = None) -> Path:
     cfg = load_config(sys.argv[1:] if argv is None else argv, runs_model=False)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = cfg.index.engine
     source = Path(cfg.index.input or cfg.output_dir / "encode" / "corpus")
     output = Path(cfg.index.output or cfg.output_dir / "index" / engine)
@@ -85,4 +84,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

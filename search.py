@@ -33,7 +33,7 @@ from tqdm import tqdm
 from lsr_core import engines
 from lsr_core.config import load_config, save_config
 from lsr_core.sparse import load_encoded, p99
-from lsr_core.utils import InputError, atomic_open, atomic_write_json, read_json, sweep_stale
+from lsr_core.utils import InputError, atomic_open, atomic_write_json, read_json, run_script, sweep_stale
 
 logger = logging.getLogger("search")
 
@@ -68,7 +68,6 @@ def check_same_encoder(queries_dir: Path, queries: dict, index_dir: Path, docs: 
 
 def main(argv: list[str] | None = None) -> Path:
     cfg = load_config(sys.argv[1:] if argv is None else argv, runs_model=False)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     queries_dir = Path(cfg.search.queries or cfg.output_dir / "encode" / "queries")
     index_dir = Path(cfg.search.index or cfg.output_dir / "index" / (cfg.search.engine or cfg.index.engine))
     name = cfg.search.name or cfg.exp.name
@@ -130,4 +129,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -16,7 +16,6 @@ Steps, warm-ups and regularizer schedules count optimizer steps (after gradient 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import sys
@@ -32,8 +31,8 @@ from tqdm.auto import tqdm
 from lsr_core.config import ConfigError, load_config, save_config
 from lsr_core.data import collate, load_examples
 from lsr_core.losses import LOSSES, NEEDS_TEACHER, REGULARIZERS, RegWeight
-from lsr_core.modeling import ModelLoadError, build_model, calibrate_logit_shift
-from lsr_core.utils import InputError, accelerator_kwargs
+from lsr_core.modeling import build_model, calibrate_logit_shift
+from lsr_core.utils import InputError, accelerator_kwargs, run_script
 
 logger = get_logger(__name__)
 
@@ -324,8 +323,4 @@ def split_state_dict(model, full_state: dict) -> dict:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        main()
-    except (ConfigError, InputError, ModelLoadError) as err:
-        sys.exit(f"error: {err}")
+    run_script(main)

@@ -44,7 +44,7 @@ from lsr_core.config import ConfigError, load_config
 from lsr_core.modeling import ModelLoadError, load_backbone, load_tokenizer
 from lsr_core.sparse import ShardWriter, id_to_token_list, prune, shard_name, to_vector
 from lsr_core.stopwords import ENGLISH_STOPWORDS
-from lsr_core.utils import InputError, atomic_open, atomic_write_json, accelerator_kwargs
+from lsr_core.utils import InputError, atomic_open, atomic_write_json, accelerator_kwargs, run_script
 
 logger = get_logger(__name__)
 
@@ -312,7 +312,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, InputError, ModelLoadError) as err:
-        sys.exit(f"error: {err}")
+    run_script(main)

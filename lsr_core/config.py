@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import json
 import logging
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -258,13 +259,18 @@ def _coerce(value, typ, key: str, where: str):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif origin is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+        number = None
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):  # YAML 1.1 reads `1e-4` as a str
             try:
-                return float(value)
+                number = float(value)
+            except OverflowError:  # an integer beyond float's range
+                number = math.inf
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # YAML `.nan`/`.inf`, `--train.lr=nan`: no range check would catch NaN
+                raise ConfigError(f"{where}: '{key}' must be a finite number, got {value!r}")
+            return number
     elif origin is str:
         if isinstance(value, str):
             return value
@@ -303,9 +309,13 @@ def _read_yaml(path: str) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:  # its str() spans several lines: keep the problem and where it is
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        raise ConfigError(f"{where}: invalid YAML ({getattr(err, 'problem', None) or err})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     return data
@@ -321,6 +331,10 @@ def _parse_cli_value(raw: str):
 
 
 def validate(cfg: Config) -> None:
+    for section in dataclasses.fields(cfg):  # a Config built in code bypasses `_coerce`
+        for name, value in dataclasses.asdict(getattr(cfg, section.name)).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"'{section.name}.{name}' must be a finite number, got {value!r}")
     for dotted, options in CHOICES.items():
         sec, key = dotted.split(".")
         value = getattr(getattr(cfg, sec), key)

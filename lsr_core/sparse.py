@@ -21,7 +21,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from lsr_core.utils import InputError, atomic_write_json, read_json, read_jsonl
+from lsr_core.utils import InputError, atomic_write_json, check_id, read_json, read_jsonl
 
 SHARD_PATTERN = "part-*.jsonl.gz"
 
@@ -209,29 +209,45 @@ def list_shards(folder: str | Path) -> list[Path]:
     return shards
 
 
-def read_vectors(folder_or_file: str | Path) -> Iterator[tuple[str, dict]]:
-    """Yield (id, {token: weight}) from a shard folder or a single .jsonl(.gz) file.
+_WEIGHT_TYPES = (float, int)  # not bool: JSON true/false are no weights
+_WEIGHT_MAX = float(np.finfo(np.float32).max)  # engines store float32: a larger weight would become inf
 
-    A corrupt shard (bad gzip, bad JSON, wrong schema) raises InputError naming file:line.
-    """
+
+def _vector_lines(folder_or_file: str | Path) -> Iterator[tuple[Path, int, str, dict]]:
+    """(file, line, id, vector) of every line of a shard folder or a single .jsonl(.gz) file, checked."""
     path = Path(folder_or_file)
     files = list_shards(path) if path.is_dir() else [path]
     for file in files:
-        try:
-            for lineno, obj in read_jsonl(file):
-                if "id" not in obj or not isinstance(obj.get("vector"), dict):
-                    raise InputError(f"{file}:{lineno}: expected {{'id': ..., 'vector': {{token: weight}}}}")
-                yield str(obj["id"]), obj["vector"]
-        except (OSError, EOFError, UnicodeDecodeError) as err:  # a bad gzip stream is an OSError
-            raise InputError(f"{file}: corrupt shard ({err})") from None
+        for lineno, obj in read_jsonl(file):  # bad gzip, UTF-8 or JSON: InputError naming file:line
+            vector = obj.get("vector")
+            if "id" not in obj or not isinstance(vector, dict):
+                raise InputError(f"{file}:{lineno}: expected {{'id': ..., 'vector': {{token: weight}}}}")
+            rid = check_id(file, lineno, obj["id"])
+            # one pass over the weights, ~60 ns a term; Python's json reads NaN and Infinity, so check after it
+            for token, weight in vector.items():
+                if type(weight) not in _WEIGHT_TYPES or not 0 <= weight <= _WEIGHT_MAX:
+                    raise InputError(f"{file}:{lineno}: token {token!r} has weight {json.dumps(weight)} (weights "
+                                     f"must be finite numbers >= 0, at most float32's {_WEIGHT_MAX:.3g})")
+            yield file, lineno, rid, vector
+
+
+def read_vectors(folder_or_file: str | Path) -> Iterator[tuple[str, dict]]:
+    """Yield (id, {token: weight}) from a shard folder or a single .jsonl(.gz) file.
+
+    A corrupt shard (bad gzip, bad UTF-8, bad JSON, wrong schema), an empty id or one with whitespace, and a weight
+    that is not a finite number >= 0 (NaN, Infinity, negative, a string, true/false, null) raise InputError naming
+    file:line.
+    """
+    for _, _, rid, vector in _vector_lines(folder_or_file):
+        yield rid, vector
 
 
 def load_vectors(folder_or_file: str | Path) -> tuple[list[str], list[dict]]:
     """All vectors; duplicate ids are an error."""
     ids, vecs, seen = [], [], set()
-    for rid, vec in read_vectors(folder_or_file):
+    for file, lineno, rid, vec in _vector_lines(folder_or_file):
         if rid in seen:
-            raise InputError(f"{folder_or_file}: duplicate id '{rid}'")
+            raise InputError(f"{file}:{lineno}: duplicate id '{rid}'")
         seen.add(rid)
         ids.append(rid)
         vecs.append(vec)
@@ -256,7 +272,15 @@ def to_csr(vectors: list[dict], vocab: dict[str, int] | None = None):
             indices.append(col)
             data.append(float(w))
         indptr.append(len(indices))
-    mat = sp.csr_matrix((np.asarray(data, np.float32), np.asarray(indices, np.int64), np.asarray(indptr, np.int64)),
+    with np.errstate(over="ignore"):  # a weight beyond float32 becomes inf, reported below
+        data = np.asarray(data, np.float32)
+    bad = np.flatnonzero(~(np.isfinite(data) & (data >= 0)))  # vectors not read by read_vectors are checked here
+    if bad.size:
+        row = int(np.searchsorted(indptr, bad[0], side="right")) - 1
+        token = next(tok for tok, col in vocab.items() if col == indices[bad[0]])
+        raise InputError(f"vector {row}: token {token!r} has weight {data[bad[0]]} in float32 (weights must be "
+                         f"finite numbers >= 0)")
+    mat = sp.csr_matrix((data, np.asarray(indices, np.int64), np.asarray(indptr, np.int64)),
                         shape=(len(vectors), max(len(vocab), 1)))
     return mat, vocab
 
@@ -289,7 +313,10 @@ def read_meta(folder: str | Path) -> dict:
     path = Path(folder) / "meta.json"
     if not path.is_file():
         return {}
-    return json.loads(path.read_text())
+    meta = read_json(path)
+    if not isinstance(meta, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    return meta
 
 
 def vocab_hash(vocab: list[str]) -> str:

@@ -1,16 +1,17 @@
-"""Small shared helpers: atomic writes, text readers with file:line errors, seeding."""
+"""Small shared helpers: atomic writes, text readers with file:line errors, seeding, the scripts' `__main__`."""
 from __future__ import annotations
 
 import collections
-import csv
 import gzip
 import itertools
 import json
+import logging
 import os
 import re
 import shutil
 import socket
 import struct
+import sys
 import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -84,17 +85,6 @@ def sweep_stale(folder: str | Path, prefixes: Iterable[str]) -> list[Path]:
     return removed
 
 
-def read_json(path: str | Path, fix: str):
-    """A JSON file written by one of our steps; missing or unreadable: InputError `<path>: ... ; <fix>`."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: file not found; {fix}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{path}: corrupt file ({err}); {fix}") from None
-
-
 _GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name, mtime 0, unknown OS
 
 
@@ -137,11 +127,84 @@ def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def open_text(path: str | Path):
+class TextLines:
+    """A UTF-8 text file, gzip-compressed when its name ends in .gz, read line by line (use `open_text`). Iterating
+    yields each line with its newline; a line that is not UTF-8, a truncated gzip or a corrupt deflate stream raises
+    InputError naming the file and the line instead of a decoder's traceback. Lines end at b"\\n" only, so line
+    numbers are `wc -l`'s; a UTF-8 byte-order mark at the start is dropped."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.lineno = 0  # lines yielded so far
+        try:
+            self.file = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+        except OSError as err:
+            raise InputError(f"{path}: cannot open ({err.strerror or err})") from None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            if self.file.peek(3)[:3] == b"\xef\xbb\xbf":
+                self.file.read(3)
+            for raw in self.file:
+                self.lineno += 1
+                yield raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise InputError(f"{self.path}:{self.lineno}: not UTF-8 text (byte {err.object[err.start]:#04x} at "
+                             f"offset {err.start} of the line)") from None
+        except (OSError, EOFError, zlib.error) as err:  # a bad gzip header or CRC is an OSError (BadGzipFile)
+            # the decompressor reads ahead, so the damage lies at or after the line reached
+            reached = f"after line {self.lineno}" if self.lineno else "at the start"
+            what = "truncated or corrupt gzip data" if self.path.suffix == ".gz" else "read error"
+            raise InputError(f"{self.path}: {what} {reached} ({err})") from None
+
+
+def open_text(path: str | Path) -> TextLines:
+    """A text file (gzip by suffix) to iterate line by line, as a context manager; see `TextLines`."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: file not found")
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+    return TextLines(path)
+
+
+def check_id(path, lineno: int, rid, row: bool = False) -> str:
+    """`rid` as an id string, or InputError naming file:line (`row`: "file: row N", for rows of a table): an id is a
+    string (or an integer), not empty, without whitespace, since TREC runs and qrels are split on whitespace."""
+    if type(rid) is str and rid.split() == [rid]:
+        return rid
+    if type(rid) is int:
+        return str(rid)
+    where = f"{path}: row {lineno}" if row else f"{path}:{lineno}"
+    if not isinstance(rid, str):
+        raise InputError(f"{where}: field 'id' must be a string, got {type(rid).__name__} {rid!r}")
+    if not rid:
+        raise InputError(f"{where}: empty id")
+    raise InputError(f"{where}: id {rid!r} contains whitespace (TREC runs and qrels split on it)")
+
+
+def read_json(path: str | Path, fix: str = ""):
+    """A whole JSON file (meta.json, an index's engine.json and the like); a missing, unreadable, non-UTF-8 or
+    malformed file raises InputError naming the file (and the line), followed by `fix` (what to do) when given."""
+    path = Path(path)
+    then = f"; {fix}" if fix else ""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found{then}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text{then}") from None
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}:{err.lineno}: invalid JSON ({err.msg}){then}") from None
+    except OSError as err:
+        raise InputError(f"{path}: unreadable ({err.strerror or err}){then}") from None
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
@@ -162,38 +225,47 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
 def read_texts(path: str | Path, allow_empty: bool = False) -> Iterator[tuple[str, str]]:
     """Read (id, text) from JSONL ({"id"|"_id"|"qid"|"docid", "text"|"contents"[, "title"]}) or TSV (id<TAB>text).
 
-    Empty texts are an error unless `allow_empty` (documents may be empty; queries may not).
+    TSV lines are split on tabs, nothing quoted: a line with more than one tab is an error (a tab inside a text would
+    make its id and text ambiguous). Ids must be non-empty and free of whitespace (`check_id`). Empty texts are an
+    error unless `allow_empty` (documents may be empty; queries may not).
     """
     path = Path(path)
     name = path.name[:-3] if path.name.endswith(".gz") else path.name
     if name.endswith((".tsv", ".txt")):
         with open_text(path) as f:
-            for lineno, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
-                if not row:
+            for lineno, line in enumerate(f, 1):
+                line = line.rstrip("\r\n")
+                if not line:
                     continue
-                if len(row) < 2:
-                    raise InputError(f"{path}:{lineno}: expected 'id<TAB>text', got {len(row)} field(s)")
-                _check_text(path, lineno, row[0], row[1], allow_empty)
-                yield row[0], row[1]
+                row = line.split("\t")
+                if len(row) != 2:
+                    raise InputError(f"{path}:{lineno}: expected 2 tab-separated fields 'id<TAB>text', got "
+                                     f"{len(row)}" + (" (a tab inside the text?)" if len(row) > 2 else ""))
+                rid = check_id(path, lineno, row[0])
+                _check_text(path, lineno, rid, row[1], allow_empty)
+                yield rid, row[1]
         return
     for lineno, obj in read_jsonl(path):
-        rid = next((obj[k] for k in ("id", "_id", "qid", "docid", "pid") if k in obj), None)
-        if rid is None:
+        id_key = next((k for k in ("id", "_id", "qid", "docid", "pid") if k in obj), None)
+        if id_key is None:
             raise InputError(f"{path}:{lineno}: missing field 'id'")
-        text = next((obj[k] for k in ("text", "contents", "query") if k in obj), None)
-        if text is None:
+        rid = check_id(path, lineno, obj[id_key])
+        text_key = next((k for k in ("text", "contents", "query") if k in obj), None)
+        if text_key is None:
             raise InputError(f"{path}:{lineno}: missing field 'text'")
-        if obj.get("title"):
-            text = f"{obj['title']}: {text}"
-        _check_text(path, lineno, str(rid), text, allow_empty)
-        yield str(rid), text
+        text, title = obj[text_key], obj.get("title")
+        if title:
+            if not isinstance(title, str):
+                raise InputError(f"{path}:{lineno}: field 'title' must be a string, got {type(title).__name__}")
+            _check_text(path, lineno, rid, text, allow_empty=True)
+            text = f"{title}: {text}"
+        _check_text(path, lineno, rid, text, allow_empty)
+        yield rid, text
 
 
 def _check_text(path, lineno, rid, text, allow_empty):
     if not isinstance(text, str):
-        raise InputError(f"{path}:{lineno}: field 'text' must be a string")
-    if not rid:
-        raise InputError(f"{path}:{lineno}: empty id")
+        raise InputError(f"{path}:{lineno}: field 'text' must be a string, got {type(text).__name__}")
     if not allow_empty and not text.strip():
         raise InputError(f"{path}:{lineno}: empty text for id '{rid}'")
 
@@ -209,21 +281,64 @@ def load_texts(path: str | Path, allow_empty: bool = False) -> dict[str, str]:
 
 
 def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
-    """TREC qrels: `qid iter docid rel` (4 columns) or `qid docid rel` (3 columns)."""
+    """TREC qrels, `qid iter docid rel` (4 columns, `iter` ignored), or `qid docid rel` (3 columns) throughout.
+
+    The first line fixes the number of columns for the whole file, so a line missing a field is an error rather
+    than a read with its fields shifted; `rel` must be an integer. A (qid, docid) judged twice with different
+    grades is an error; a repeated identical judgment is kept once."""
     qrels: dict[str, dict[str, int]] = {}
+    columns = first = 0
     with open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             parts = line.split()
             if not parts:
                 continue
-            if len(parts) not in (3, 4):
-                raise InputError(f"{path}:{lineno}: expected 'qid 0 docid rel', got {len(parts)} fields")
+            if not columns:
+                if len(parts) not in (3, 4):
+                    raise InputError(f"{path}:{lineno}: expected 4 fields 'qid iter docid rel' (or 3: 'qid docid "
+                                     f"rel'), got {len(parts)}")
+                columns, first = len(parts), lineno
+            elif len(parts) != columns:
+                raise InputError(f"{path}:{lineno}: expected {columns} fields like line {first} "
+                                 f"({'qid iter docid rel' if columns == 4 else 'qid docid rel'}), got {len(parts)}")
             qid, docid, rel = parts[0], parts[-2], parts[-1]
             try:
-                qrels.setdefault(qid, {})[docid] = int(rel)
+                grade = int(rel)
             except ValueError:
                 raise InputError(f"{path}:{lineno}: field 'rel' must be an integer, got {rel!r}") from None
+            docs = qrels.setdefault(qid, {})
+            if docs.get(docid, grade) != grade:
+                raise InputError(f"{path}:{lineno}: docid {docid!r} of qid {qid!r} judged again with a different "
+                                 f"grade ({docs[docid]} then {grade})")
+            docs[docid] = grade
     return qrels
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def run_script(main) -> None:
+    """The `if __name__ == "__main__":` of every script: logging set up one way, then `main()`. A bad config, input
+    or model (ConfigError, InputError, ModelLoadError) ends the process with one line `error: <message>` on stderr
+    and exit status 1, not a traceback; any other exception keeps its traceback (it is a bug to report)."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    try:
+        main()
+    except Exception as err:
+        if not isinstance(err, user_errors()):
+            raise
+        message = " | ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+def user_errors() -> tuple[type, ...]:
+    """The exception types that mean bad input rather than a bug. ModelLoadError only once lsr_core.modeling is
+    loaded: importing it here would import torch into index/search/evaluate, and it cannot be raised before."""
+    from lsr_core.config import ConfigError
+
+    modeling = sys.modules.get("lsr_core.modeling")
+    return (ConfigError, InputError) + ((modeling.ModelLoadError,) if modeling else ())
 
 
 def stable_bucket(key: str, salt: str = "split") -> float:

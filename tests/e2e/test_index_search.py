@@ -153,8 +153,8 @@ def test_index_refuses_unfinished_folders(tmp_path):
             f"re-run encode.py")
 
     (corpus / "meta.json").write_text('{"count": 6, "shards": ')
-    with pytest.raises(InputError, match=rf"^{re.escape(str(corpus / 'meta.json'))}: corrupt file \(Expecting value: "
-                                         rf"line 1 column 24 \(char 23\)\); re-run encode.py$"):
+    with pytest.raises(InputError, match=rf"^{re.escape(str(corpus / 'meta.json'))}:1: invalid JSON "
+                                         rf"\(Expecting value\); re-run encode.py$"):
         index.main(args)
     (corpus / "meta.json").write_text('{"count": 6}')
     refused(f"{corpus / 'meta.json'}: field 'shards' missing or not a count; re-run encode.py")
@@ -244,14 +244,14 @@ def drop_first_id(path):
 
 REBUILD = "; rebuild it with index.py$"
 CORRUPT_CASES = [  # engine, file (glob), damage, expected message after the file's path
-    ("exact", "engine.json", garbage, r": corrupt file \(.+\)" + REBUILD),
+    ("exact", "engine.json", garbage, r": not UTF-8 text" + REBUILD),
     ("exact", "engine.json", lambda p: p.write_text('{"engine": "faiss", "params": {}}'),
      r": corrupt index file \(expected \{'engine': one of \['exact', .*got engine 'faiss'\)" + REBUILD),
-    ("exact", "ids.json", truncate, r": corrupt file \(.+\)" + REBUILD),
+    ("exact", "ids.json", truncate, r":\d+: invalid JSON \(.+\)" + REBUILD),
     ("exact", "ids.json", drop_first_id, r": 39 entries, engine.json records 40" + REBUILD),
     ("exact", "ids.json", lambda p: p.write_text('{"d0": 1}'),
      r": corrupt index file \(expected a JSON list of strings\)" + REBUILD),
-    ("exact", "vocab.json", garbage, r": corrupt file \(.+\)" + REBUILD),
+    ("exact", "vocab.json", garbage, r": not UTF-8 text" + REBUILD),
     ("exact", "vocab.json", lambda p: p.unlink(), r": file not found" + REBUILD),
     ("exact", "docs.npz", truncate, r": corrupt index file \(.+\)" + REBUILD),
     ("exact", "docs.npz", garbage, r": corrupt index file \(.+\)" + REBUILD),
@@ -300,7 +300,7 @@ def test_search_names_a_corrupt_index_file(tmp_path):
                                          rf"rebuild it with index.py$"):
         search.main(base)
     (index_dir / "meta.json").write_text("[1, 2")
-    with pytest.raises(InputError, match=rf"^{re.escape(str(index_dir / 'meta.json'))}: corrupt file"):
+    with pytest.raises(InputError, match=rf"^{re.escape(str(index_dir / 'meta.json'))}:\d+: invalid JSON"):
         search.main(base)
 
 
