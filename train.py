@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from lsr_core.config import ConfigError, load_config, save_config
 from lsr_core.data import collate, load_examples
-from lsr_core.losses import LOSSES, NEEDS_TEACHER, REGULARIZERS, RegWeight
+from lsr_core.losses import LOSSES, NEEDS_TEACHER, REGULARIZERS, RegWeight, regularization
 from lsr_core.modeling import build_model, calibrate_logit_shift
 from lsr_core.utils import InputError, accelerator_kwargs, run_script
 
@@ -38,8 +38,9 @@ logger = get_logger(__name__)
 
 
 class EpochView(torch.utils.data.Dataset):
-    """The examples in a seeded order that changes per epoch; the loader reads it sequentially, so a resumed run
-    can skip exactly the batches already done. (Not named `set_epoch`: accelerate's loaders call
+    """The examples in a seeded order that changes per epoch, each with negatives drawn for (seed, epoch, example);
+    the loader reads it sequentially, so a resumed run can skip exactly the batches already done and draws the
+    same negatives after them. (Not named `set_epoch`: accelerate's loaders call
     `dataset.set_epoch(<times this loader was iterated>)`, which restarts at 0 for the loader that
     `skip_first_batches` builds on resume.)"""
 
@@ -48,6 +49,7 @@ class EpochView(torch.utils.data.Dataset):
         self.shuffle_for_epoch(0)
 
     def shuffle_for_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
         generator = torch.Generator().manual_seed(self.seed * 1000 + epoch)
         self.order = torch.randperm(len(self.examples), generator=generator).tolist()
 
@@ -55,7 +57,7 @@ class EpochView(torch.utils.data.Dataset):
         return len(self.examples)
 
     def __getitem__(self, i):
-        return self.examples[self.order[i]]
+        return self.examples.sample(self.order[i], self.seed, self.epoch)
 
 
 def uses_deepspeed(cfg) -> bool:
@@ -164,10 +166,8 @@ def main(argv=None) -> Path:
     set_seed(cfg.exp.seed)
     out = cfg.output_dir
     # read and validate everything before writing anything: bad input leaves no half-written run folder
-    examples = load_examples(cfg.data, cfg.data.n_negatives, cfg.exp.seed)
-    if cfg.data.max_examples:
-        examples = examples[:cfg.data.max_examples]
-    if cfg.train.loss in NEEDS_TEACHER and examples[0].scores is None:
+    examples = load_examples(cfg.data, cfg.data.n_negatives, cfg.exp.seed)  # at most data.max_examples
+    if cfg.train.loss in NEEDS_TEACHER and not examples.has_scores:
         raise InputError(f"'train.loss={cfg.train.loss}' needs teacher scores, and {cfg.data.train_file} has none")
     model = build_model(cfg.model, training=True)
     model.train()
@@ -241,8 +241,9 @@ def main(argv=None) -> Path:
                 q_reps, d_reps = model(batch["q"], batch["d"])
                 rank_loss = loss_fn(q_reps, d_reps, batch["teacher"], temperature=cfg.train.temperature,
                                     in_batch=cfg.train.in_batch_negatives, gather=gather)
-                # d_reps holds each positive and negative once, so the document term counts each document once
-                reg = q_weight.weight * q_reg(q_reps) + d_weight.weight * d_reg(d_reps)
+                # each positive and negative counted once; train.d_reg_form: how (losses.doc_regularization)
+                reg = regularization(q_reps, d_reps, q_reg, d_reg, q_weight.weight, d_weight.weight,
+                                     cfg.train.d_reg_form)
                 loss = rank_loss + reg
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:

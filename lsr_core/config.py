@@ -95,6 +95,7 @@ class TrainConfig:
     cross_device_negatives: bool = True  # infonce under DDP
     q_reg: str = "flops"  # flops | l1 | none
     d_reg: str = "flops"
+    d_reg_form: str = "mean_of_groups"  # mean_of_groups (the reference's: (R(pos) + R(neg)) / 2) | concat (R(all docs))
     q_reg_weight: float = 0.0
     d_reg_weight: float = 0.0
     reg_warmup_steps: int = 0  # quadratic warm-up of regularizer weights, in optimizer steps
@@ -224,6 +225,7 @@ CHOICES = {
     "train.loss": ["margin_mse", "kl", "infonce"],
     "train.q_reg": ["flops", "l1", "none"],
     "train.d_reg": ["flops", "l1", "none"],
+    "train.d_reg_form": ["mean_of_groups", "concat"],
     "train.optimizer": ["adamw", "adamw_8bit"],
     "train.scheduler": ["linear", "cosine", "constant"],
     "train.mixed_precision": ["no", "bf16", "fp16", "auto"],

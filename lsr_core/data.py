@@ -6,19 +6,25 @@ Sources (`data.format`):
             (texts from `data.queries` and `data.corpus`)
     inline: {"query": "text", "pos": "text" | [...], "negs": ["text", ...], "scores": [s_pos, s_neg1, ...]}
             ("qid" optional; "scores" follows the order of pos then negs).
-  A line with several positives gives one example per positive. Lines with more than N negatives are sampled down
-  (seeded); lines with fewer are topped up with random `data.corpus` documents that are neither a positive of the
-  line nor a qrels positive (`data.qrels`, optional) of the query. "scores" is optional but all-or-none.
+  A line with several positives gives one example per positive. A line's "negs" are its candidates: with more than
+  N, each access draws N of them; with fewer, each access adds random `data.corpus` documents that are neither a
+  positive of the line nor a qrels positive (`data.qrels`, optional) of the query. "scores" is optional but
+  all-or-none.
 - `msmarco`: the paper's files: `data.queries` (queries.train.tsv), `data.corpus` (collection.tsv), `data.qrels`
   (qrels.train.tsv) and `data.teacher_scores`, a dict qid -> {pid: score} as JSON(.gz) (RankLLaMA style) or as the
   pickle `cross-encoder-ms-marco-MiniLM-L-6-v2-scores.pkl.gz` (only with `data.trust_pickle: true`; or convert it
-  once with `convert_scores_to_json`). One example per (query, qrels positive that has a teacher score); negatives
-  are sampled (seeded) from the query's scored candidates that are not qrels positives.
+  once with `convert_scores_to_json`). One example per (query, qrels positive that has a teacher score); its
+  candidates are the query's scored passages that are not qrels positives.
 
-No negative is ever a positive of its query. Tokenization is the trainer's job: `collate` returns strings.
+Negatives are drawn on every access, uniformly without replacement from the example's candidates, by a generator
+seeded with (seed, epoch, example index): an epoch sees fresh negatives, as in the reference dataset (which draws
+from the teacher's candidates on each access), and a resumed run draws the same ones as an uninterrupted run. No
+negative is ever a positive of its query (the reference draws from all scored candidates, positives included).
+Examples hold ids only; the texts, each stored once, are looked up when an example is drawn. Tokenization is the
+trainer's job: `collate` returns strings.
 
-    examples = load_examples(cfg.data, cfg.data.n_negatives, cfg.exp.seed)
-    loader = DataLoader(examples, batch_size=B, shuffle=True, collate_fn=collate, drop_last=True)
+    examples = load_examples(cfg.data, cfg.data.n_negatives, cfg.exp.seed)          # a TrainSet
+    batch = collate([examples.sample(i, seed, epoch) for i in indices])
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ import json
 import logging
 import pickle
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,7 +44,26 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
+class Candidates:
+    """What one query (msmarco) or one jsonl line draws its negatives from; shared by its examples."""
+    neg_ids: list[str]  # candidate negatives, none a positive of the query
+    scores: dict[str, float] | None = None  # teacher score per document id (positives and candidates)
+    avoid: frozenset[str] = frozenset()  # corpus top-up: ids never drawn (the query's positives)
+    avoid_texts: frozenset[str] = frozenset()  # corpus top-up: texts never drawn (the line's positives)
+    where: str = ""  # file:line, for messages
+
+
+@dataclass
 class TrainExample:
+    """One (query, positive) pair, as ids; its negatives are drawn per access (`TrainSet.sample`)."""
+    qid: str
+    pos_id: str
+    candidates: Candidates
+
+
+@dataclass
+class TrainSample:
+    """An example as one step sees it: texts, the drawn negatives and their teacher scores."""
     qid: str
     query: str
     pos_id: str
@@ -55,29 +80,67 @@ class TrainBatch:
     teacher_scores: torch.Tensor | None  # [B, 1+N] float32, column 0 = positive
 
 
-def load_examples(data_cfg, n_negatives: int, seed: int) -> list[TrainExample]:
-    """Read the training examples described by `data_cfg` (a `DataConfig`), each with exactly `n_negatives`."""
+@dataclass
+class TrainSet:
+    """The training examples (ids) and the texts they use, each text stored once."""
+    examples: list[TrainExample]
+    queries: dict[str, str]  # query id -> text
+    docs: dict[str, str]  # document id -> text (with a corpus top-up: the whole corpus)
+    n_negatives: int
+    corpus_ids: list[str] = field(default_factory=list)  # documents a top-up draws from
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    @property
+    def has_scores(self) -> bool:
+        return bool(self.examples) and self.examples[0].candidates.scores is not None
+
+    def sample(self, index: int, seed: int, epoch: int) -> TrainSample:
+        """Example `index` with N negatives drawn by a generator seeded with (seed, epoch, index)."""
+        example = self.examples[index]
+        cand = example.candidates
+        neg_ids = self.draw_negatives(cand, random.Random(f"{seed}:{epoch}:{index}"))
+        return TrainSample(qid=example.qid, query=self.queries[example.qid], pos_id=example.pos_id,
+                           pos=self.docs[example.pos_id], neg_ids=neg_ids, negs=[self.docs[d] for d in neg_ids],
+                           scores=None if cand.scores is None else [cand.scores[d] for d in [example.pos_id, *neg_ids]])
+
+    def draw_negatives(self, cand: Candidates, rng: random.Random) -> list[str]:
+        """N distinct candidates (kept in their listed order); too few are topped up from the corpus."""
+        listed = _pick(cand.neg_ids, self.n_negatives, rng)
+        if len(listed) == self.n_negatives:
+            return listed
+        taken = set(listed)
+        return listed + _sample_ids(self.corpus_ids, self.n_negatives - len(listed), rng, cand.where, lambda d: (
+            d in taken or d in cand.avoid or self.docs[d] in cand.avoid_texts))
+
+
+def load_examples(data_cfg, n_negatives: int, seed: int) -> TrainSet:
+    """Read the training examples described by `data_cfg` (a `DataConfig`); each draws `n_negatives` per access.
+
+    `seed` only drives a trial draw of the corpus top-ups, so that too small a corpus fails here, at load.
+    """
     if n_negatives < 1:
         raise ValueError(f"'data.n_negatives' must be > 0, got {n_negatives}")
     loaders = {"jsonl": _load_jsonl, "msmarco": _load_msmarco}
     if data_cfg.format not in loaders:
         raise ValueError(f"'data.format' must be one of {list(loaders)}, got {data_cfg.format!r}")
     examples = loaders[data_cfg.format](data_cfg, n_negatives, random.Random(seed))
-    if not examples:
+    if not examples.examples:
         raise InputError(f"no training examples in {data_cfg.train_file or data_cfg.teacher_scores}")
     return examples
 
 
 # ----------------------------------------------------------------------------------------------------------- jsonl
-def _load_jsonl(data_cfg, n_negatives: int, rng: random.Random) -> list[TrainExample]:
+def _load_jsonl(data_cfg, n_negatives: int, rng: random.Random) -> TrainSet:
     path = data_cfg.train_file
     if not path:
         raise InputError("data.format=jsonl needs 'data.train_file'")
     corpus = load_texts(data_cfg.corpus, allow_empty=True) if data_cfg.corpus else None
-    corpus_ids = list(corpus) if corpus else []
     queries = load_texts(data_cfg.queries) if data_cfg.queries else None
     qrels = read_qrels(data_cfg.qrels) if data_cfg.qrels else {}
-    examples: list[TrainExample] = []
+    data = TrainSet(examples=[], queries=queries or {}, docs=corpus if corpus is not None else {},
+                    n_negatives=n_negatives, corpus_ids=list(corpus) if corpus else [])
     first_scored = None  # whether the first line had scores: all lines must agree
     for lineno, obj in read_jsonl(path):
         where = f"{path}:{lineno}"
@@ -94,17 +157,20 @@ def _load_jsonl(data_cfg, n_negatives: int, rng: random.Random) -> list[TrainExa
         elif has_scores != first_scored:
             raise InputError(f"{where}: field 'scores' must be given on every line or on none")
 
-        if "query" in obj:  # inline texts; items are (id, text, score)
+        if "query" in obj:  # inline texts, stored under ids of their own line; items are (id, text, score)
             qid = str(obj.get("qid", f"{Path(path).name}:{lineno}"))
             query = obj["query"]
             if not isinstance(query, str) or not query.strip():
                 raise InputError(f"{where}: field 'query' is empty or not a string")
+            if data.queries.get(qid, query) != query:
+                raise InputError(f"{where}: field 'qid': '{qid}' already names another query text")
+            data.queries[qid] = query
             scores = (_score_list(obj["scores"], len(positives) + len(listed_negs), where) if has_scores
                       else [None] * (len(positives) + len(listed_negs)))
-            pos_items = [(f"{qid}:{field}", text, score)
-                         for field, text, score in zip(pos_fields, positives, scores)]
-            neg_items = [(f"{qid}:{field}", text, score)
-                         for field, text, score in zip(neg_fields, listed_negs, scores[len(positives):])]
+            pos_items = [(f"{where}:{f}", text, score) for f, text, score in zip(pos_fields, positives, scores)]
+            neg_items = [(f"{where}:{f}", text, score)
+                         for f, text, score in zip(neg_fields, listed_negs, scores[len(positives):])]
+            data.docs.update((d, text) for d, text, _ in pos_items + neg_items)
             positive_ids: set[str] = set()
         else:  # ids resolved against data.queries / data.corpus
             if "qid" not in obj:
@@ -114,39 +180,33 @@ def _load_jsonl(data_cfg, n_negatives: int, rng: random.Random) -> list[TrainExa
             qid = str(obj["qid"])
             if qid not in queries:
                 raise InputError(f"{where}: field 'qid': unknown query id '{qid}' (not in {data_cfg.queries})")
-            query = queries[qid]
             scores = obj["scores"] if has_scores else None
             if scores is not None and not isinstance(scores, dict):
                 raise InputError(f"{where}: field 'scores' must map document ids to numbers")
-            pos_items = [(d, _lookup(corpus, d, where, field, data_cfg.corpus), _id_score(scores, d, where))
-                         for field, d in zip(pos_fields, positives)]
-            neg_items = [(d, _lookup(corpus, d, where, field, data_cfg.corpus), _id_score(scores, d, where))
-                         for field, d in zip(neg_fields, listed_negs)]
+            pos_items = [(d, _lookup(corpus, d, where, f, data_cfg.corpus), _id_score(scores, d, where))
+                         for f, d in zip(pos_fields, positives)]
+            neg_items = [(d, _lookup(corpus, d, where, f, data_cfg.corpus), _id_score(scores, d, where))
+                         for f, d in zip(neg_fields, listed_negs)]
             positive_ids = set(positives) | {d for d, rel in qrels.get(qid, {}).items() if rel > 0}
         # a listed negative that is a positive of the query (by id, or by the same text) is dropped, never used
         pos_texts = {text for _, text, _ in pos_items}
         neg_items = [item for item in neg_items if item[0] not in positive_ids and item[1] not in pos_texts]
-
-        for pos_id, pos_text, pos_score in pos_items:
-            negs = _pick_negatives(neg_items, n_negatives, rng)
-            if len(negs) < n_negatives:
-                if has_scores:
-                    raise InputError(f"{where}: {len(negs)} usable negative(s) < data.n_negatives={n_negatives}, "
-                                     f"and sampled corpus negatives would have no teacher score")
-                if corpus is None:
-                    raise InputError(f"{where}: {len(negs)} usable negative(s) < data.n_negatives={n_negatives}; "
-                                     f"set 'data.corpus' to sample the missing ones")
-                taken = {d for d, _, _ in negs}
-                extra = _sample_ids(corpus_ids, n_negatives - len(negs), rng, where, lambda d: (
-                    d in taken or d in positive_ids or corpus[d] in pos_texts))
-                negs += [(d, corpus[d], None) for d in extra]
-            examples.append(TrainExample(
-                qid=qid, query=query, pos_id=pos_id, pos=pos_text,
-                neg_ids=[d for d, _, _ in negs], negs=[text for _, text, _ in negs],
-                scores=[pos_score] + [score for _, _, score in negs] if has_scores else None))
-            if data_cfg.max_examples and len(examples) >= data_cfg.max_examples:
-                return examples
-    return examples
+        cand = Candidates(neg_ids=[d for d, _, _ in neg_items],
+                          scores={d: score for d, _, score in pos_items + neg_items} if has_scores else None,
+                          avoid=frozenset(positive_ids), avoid_texts=frozenset(pos_texts), where=where)
+        if len(neg_items) < n_negatives:
+            if has_scores:
+                raise InputError(f"{where}: {len(neg_items)} usable negative(s) < data.n_negatives={n_negatives}, "
+                                 f"and sampled corpus negatives would have no teacher score")
+            if corpus is None:
+                raise InputError(f"{where}: {len(neg_items)} usable negative(s) < data.n_negatives={n_negatives}; "
+                                 f"set 'data.corpus' to sample the missing ones")
+            data.draw_negatives(cand, rng)  # a trial draw: too small a corpus fails now, not mid-training
+        for pos_id, _, _ in pos_items:
+            data.examples.append(TrainExample(qid=qid, pos_id=pos_id, candidates=cand))
+            if data_cfg.max_examples and len(data.examples) >= data_cfg.max_examples:
+                return data
+    return data
 
 
 def _str_list(value, where: str, field: str, allow_empty: bool = False) -> list[str]:
@@ -184,8 +244,8 @@ def _number(value, where: str, field: str) -> float:
     return float(value)
 
 
-def _pick_negatives(items: list, n: int, rng: random.Random) -> list:
-    """Up to n items, a seeded sample when there are more (kept in their listed order)."""
+def _pick(items: list, n: int, rng: random.Random) -> list:
+    """Up to n items, a uniform sample without replacement when there are more (kept in their listed order)."""
     if len(items) <= n:
         return list(items)
     keep = sorted(rng.sample(range(len(items)), n))
@@ -209,39 +269,36 @@ def _sample_ids(ids: list[str], k: int, rng: random.Random, where: str, excluded
 
 
 # --------------------------------------------------------------------------------------------------------- msmarco
-def _load_msmarco(data_cfg, n_negatives: int, rng: random.Random) -> list[TrainExample]:
+def _load_msmarco(data_cfg, n_negatives: int, rng: random.Random) -> TrainSet:
     for key in ("queries", "corpus", "qrels", "teacher_scores"):
         if not getattr(data_cfg, key):
             raise InputError(f"data.format=msmarco needs 'data.{key}'")
     teacher = load_teacher_scores(data_cfg.teacher_scores, data_cfg.trust_pickle)
     qrels = read_qrels(data_cfg.qrels)
-    plans = []  # (qid, pos_id, neg_ids, scores): texts are looked up afterwards, for the ids in use only
+    examples: list[TrainExample] = []
     no_positive = too_few = 0
     for qid, cand in teacher.items():
         relevant = {d for d, rel in qrels.get(qid, {}).items() if rel > 0}
         positives = [d for d in cand if d in relevant]
-        candidates = [d for d in cand if d not in relevant]
         if not positives:
             no_positive += 1
             continue
-        if len(candidates) < n_negatives:
+        candidates = Candidates(neg_ids=[d for d in cand if d not in relevant], scores=cand)
+        if len(candidates.neg_ids) < n_negatives:
             too_few += 1
             continue
-        for pos_id in positives:
-            neg_ids = rng.sample(candidates, n_negatives)
-            plans.append((qid, pos_id, neg_ids, [cand[pos_id]] + [cand[d] for d in neg_ids]))
-            if data_cfg.max_examples and len(plans) >= data_cfg.max_examples:
-                break
-        if data_cfg.max_examples and len(plans) >= data_cfg.max_examples:
+        examples += [TrainExample(qid=qid, pos_id=pos_id, candidates=candidates) for pos_id in positives]
+        if data_cfg.max_examples and len(examples) >= data_cfg.max_examples:
+            examples = examples[:data_cfg.max_examples]
             break
     if no_positive or too_few:
         logger.info("msmarco: skipped %d scored queries without a scored qrels positive and %d with fewer than %d "
                     "scored non-positive candidates", no_positive, too_few, n_negatives)
-    queries = texts_for(data_cfg.queries, {qid for qid, *_ in plans}, allow_empty=False)
-    docs = texts_for(data_cfg.corpus, {d for _, pos, negs, _ in plans for d in [pos, *negs]}, allow_empty=True)
-    return [TrainExample(qid=qid, query=queries[qid], pos_id=pos_id, pos=docs[pos_id], neg_ids=neg_ids,
-                         negs=[docs[d] for d in neg_ids], scores=scores)
-            for qid, pos_id, neg_ids, scores in plans]
+    # the texts of the ids in use only (the collection is 8.8M passages), each stored once
+    queries = texts_for(data_cfg.queries, {ex.qid for ex in examples}, allow_empty=False)
+    wanted = {ex.pos_id for ex in examples} | {d for ex in examples for d in ex.candidates.neg_ids}
+    return TrainSet(examples=examples, queries=queries, docs=texts_for(data_cfg.corpus, wanted, allow_empty=True),
+                    n_negatives=n_negatives)
 
 
 def texts_for(path: str, wanted: set[str], allow_empty: bool = True,
@@ -308,26 +365,27 @@ def convert_scores_to_json(src: str | Path, dst: str | Path) -> int:
 
 
 # -------------------------------------------------------------------------------------------------------- batching
-def collate(examples: list[TrainExample]) -> TrainBatch:
-    """B examples -> query texts [B], doc texts [B*(1+N)] (pos, neg1..negN per query), teacher [B, 1+N] or None."""
-    if len({len(ex.negs) for ex in examples}) > 1:
+def collate(samples: list[TrainSample]) -> TrainBatch:
+    """B samples -> query texts [B], doc texts [B*(1+N)] (pos, neg1..negN per query), teacher [B, 1+N] or None."""
+    if len({len(ex.negs) for ex in samples}) > 1:
         raise ValueError("examples in a batch must have the same number of negatives")
-    with_scores = [ex.scores is not None for ex in examples]
+    with_scores = [ex.scores is not None for ex in samples]
     if any(with_scores) and not all(with_scores):
         raise ValueError("some examples in the batch have teacher scores and some do not")
-    teacher = torch.tensor([ex.scores for ex in examples], dtype=torch.float32) if all(with_scores) else None
-    return TrainBatch(queries=[ex.query for ex in examples],
-                      docs=[doc for ex in examples for doc in [ex.pos, *ex.negs]],
+    teacher = torch.tensor([ex.scores for ex in samples], dtype=torch.float32) if all(with_scores) else None
+    return TrainBatch(queries=[ex.query for ex in samples],
+                      docs=[doc for ex in samples for doc in [ex.pos, *ex.negs]],
                       teacher_scores=teacher)
 
 
-def batches(examples: list[TrainExample], batch_size: int, seed: int, epoch: int,
-            drop_last: bool = True) -> list[TrainBatch]:
-    """The epoch's batches: a shuffle seeded by (seed, epoch), so a resumed run can skip the batches it has done.
+def batches(examples: TrainSet, batch_size: int, seed: int, epoch: int, drop_last: bool = True) -> list[TrainBatch]:
+    """The epoch's batches: a shuffle seeded by (seed, epoch), negatives drawn per (seed, epoch, example), so a
+    resumed run can skip the batches it has done and see the same ones after.
 
     drop_last keeps every batch (and so every rank's gathered tensor) the same size.
     """
     order = list(range(len(examples)))
     random.Random(f"{seed}:{epoch}").shuffle(order)
     stop = len(order) - len(order) % batch_size if drop_last else len(order)
-    return [collate([examples[i] for i in order[start:start + batch_size]]) for start in range(0, stop, batch_size)]
+    return [collate([examples.sample(i, seed, epoch) for i in order[start:start + batch_size]])
+            for start in range(0, stop, batch_size)]

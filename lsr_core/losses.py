@@ -5,7 +5,8 @@ Shapes: B queries per device, N negatives per query, V vocabulary size. Document
 
     scores  = group_scores(q_reps, d_reps)                       # [B, 1+N], column 0 = positive
     loss    = LOSSES[cfg.train.loss](q_reps, d_reps, teacher, temperature=..., in_batch=..., gather=...)
-    reg     = q_weight.weight * REGULARIZERS["flops"](q_reps) + d_weight.weight * REGULARIZERS["flops"](d_reps)
+    reg     = regularization(q_reps, d_reps, REGULARIZERS["flops"], REGULARIZERS["flops"], q_weight.weight,
+                             d_weight.weight, cfg.train.d_reg_form)
     ...
     if accelerator.sync_gradients: q_weight.step(); d_weight.step()   # optimizer steps, not micro-batches
 """
@@ -34,15 +35,19 @@ def _group_size(q_reps: torch.Tensor, d_reps: torch.Tensor) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------- losses
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """float32, or float64 where the input is: bf16/fp16 margins and softmaxes of large scores lose most digits."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def margin_mse(pos_scores: torch.Tensor, neg_scores: torch.Tensor,
                teacher_pos: torch.Tensor, teacher_neg: torch.Tensor) -> torch.Tensor:
     """MarginMSE (Hofstätter et al.): MSE between student and teacher margins, mean over the B*N pairs.
 
     pos_scores [B], neg_scores [B, N], teacher_pos [B], teacher_neg [B, N] -> scalar.
     """
-    # float32: bf16 margins of large scores lose most of their digits
-    student_margin = pos_scores.float().unsqueeze(1) - neg_scores.float()
-    teacher_margin = teacher_pos.float().unsqueeze(1) - teacher_neg.float()
+    student_margin = _wide(pos_scores).unsqueeze(1) - _wide(neg_scores)
+    teacher_margin = _wide(teacher_pos).unsqueeze(1) - _wide(teacher_neg)
     return F.mse_loss(student_margin, teacher_margin)
 
 
@@ -51,8 +56,8 @@ def kl_distill(student: torch.Tensor, teacher: torch.Tensor, temperature: float 
 
     student [B, 1+N], teacher [B, 1+N] -> scalar. No T^2 factor: scale the learning rate instead if T != 1.
     """
-    student_logp = F.log_softmax(student.float() / temperature, dim=-1)
-    teacher_logp = F.log_softmax(teacher.float() / temperature, dim=-1)
+    student_logp = F.log_softmax(_wide(student) / temperature, dim=-1)
+    teacher_logp = F.log_softmax(_wide(teacher) / temperature, dim=-1)
     return F.kl_div(student_logp, teacher_logp, reduction="batchmean", log_target=True)
 
 
@@ -66,14 +71,14 @@ def infonce(q_reps: torch.Tensor, d_reps: torch.Tensor, temperature: float = 1.0
     every device (world*B*(1+N) rows, via `gather_with_grad`) and the target is offset by rank*B*(1+N).
     """
     if not in_batch:
-        scores = group_scores(q_reps, d_reps).float() / temperature
+        scores = _wide(group_scores(q_reps, d_reps)) / temperature
         return F.cross_entropy(scores, torch.zeros(len(q_reps), dtype=torch.long, device=q_reps.device))
     group = _group_size(q_reps, d_reps)
     offset = 0
     if gather and _world_size() > 1:
         offset = dist.get_rank() * d_reps.shape[0]
         d_reps = gather_with_grad(d_reps)
-    scores = (q_reps @ d_reps.T).float() / temperature  # [B, world*B*(1+N)]
+    scores = _wide(q_reps @ d_reps.T) / temperature  # [B, world*B*(1+N)]
     targets = offset + torch.arange(len(q_reps), device=q_reps.device) * group
     return F.cross_entropy(scores, targets)
 
@@ -163,13 +168,39 @@ def no_reg(reps: torch.Tensor) -> torch.Tensor:
 REGULARIZERS = {"flops": flops, "l1": l1, "none": no_reg}
 
 
-def doc_reg(reg_fn, pos_reps: torch.Tensor, neg_reps: torch.Tensor) -> torch.Tensor:
-    """Document regularizer over positives and negatives together, each document row counted once.
+def doc_regularization(d_reps: torch.Tensor, group_size: int, reg_fn, form: str = "mean_of_groups") -> torch.Tensor:
+    """The document regularizer over d_reps [B*G, V] (per query: pos, neg1..negN; G = 1+N) -> scalar.
 
-    pos_reps [B, V], neg_reps [B*N, V] or [B, N, V] -> reg_fn over [B*(1+N), V]. (Row order does not matter for
-    flops/l1, so `reg_fn(d_reps)` on the collated tensor is the same value.)
+    mean_of_groups: the mean over the G columns of reg_fn on that column's B documents, i.e. (R(positives) +
+      R(negatives_1) + ... + R(negatives_N)) / (1+N); with one negative it is the reference's (Decoder4LSR /
+      learned-sparse-retrieval MarginMSE and KL losses) (R(pos) + R(neg)) / 2, where each document group is
+      encoded and regularised as its own batch.
+    concat: reg_fn over all B*G documents at once (the reference's form for its in-batch cross-entropy loss).
+    Every document is counted once either way. For FLOPs the two differ (a squared mean per term over B rows, or
+    over B*G rows); for L1 (a mean over rows) they are equal.
     """
-    return reg_fn(torch.cat([pos_reps, neg_reps.reshape(-1, pos_reps.shape[-1])]))
+    if form == "concat":
+        return reg_fn(d_reps)
+    if form != "mean_of_groups":
+        raise ValueError(f"unknown document regularizer form {form!r}; expected one of {DOC_REG_FORMS}")
+    if d_reps.shape[0] % group_size:
+        raise ValueError(f"d_reps has {d_reps.shape[0]} rows, not a multiple of the group size {group_size}")
+    groups = d_reps.view(-1, group_size, d_reps.shape[-1])  # [B, G, V]
+    return sum(reg_fn(groups[:, g]) for g in range(group_size)) / group_size
+
+
+# Choices of `train.d_reg_form`.
+DOC_REG_FORMS = ("mean_of_groups", "concat")
+
+
+def regularization(q_reps: torch.Tensor, d_reps: torch.Tensor, q_reg_fn, d_reg_fn, q_weight: float,
+                   d_weight: float, d_form: str = "mean_of_groups") -> torch.Tensor:
+    """The sparsity term added to the ranking loss: q_weight * R_q(q_reps) + d_weight * R_d(documents).
+
+    q_reps [B, V], d_reps [B*(1+N), V] (per query: pos, neg1..negN); the document term is `doc_regularization`.
+    """
+    group_size = _group_size(q_reps, d_reps)
+    return q_weight * q_reg_fn(q_reps) + d_weight * doc_regularization(d_reps, group_size, d_reg_fn, d_form)
 
 
 class RegWeight:

@@ -6,8 +6,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lsr_core.losses import (LOSSES, REGULARIZERS, RegWeight, doc_reg, flops, gather_with_grad, group_scores, infonce,
-                             kl_distill, l1, margin_mse)
+from lsr_core.losses import (LOSSES, REGULARIZERS, RegWeight, doc_regularization, flops, gather_with_grad, group_scores,
+                             infonce, kl_distill, l1, margin_mse)
 
 
 def test_margin_mse_by_hand():
@@ -87,14 +87,20 @@ def test_flops_and_l1_by_hand():
     assert REGULARIZERS["none"](reps).item() == 0.0
 
 
-def test_doc_reg_counts_each_document_once():
-    pos = torch.tensor([[1.0, 0.0]])
-    neg = torch.tensor([[[0.0, 2.0], [1.0, 0.0]]])  # [B=1, N=2, V=2]
-    # rows [1,0], [0,2], [1,0]: column means [2/3, 2/3] -> 4/9 + 4/9
-    assert doc_reg(flops, pos, neg).item() == pytest.approx(8 / 9)
-    assert doc_reg(flops, pos, neg.view(2, 2)).item() == pytest.approx(8 / 9)
-    # counting the positive twice (a separate pos term plus pos+neg) would give a different value
-    assert doc_reg(l1, pos, neg).item() == pytest.approx((1 + 2 + 1) / 3)
+def test_doc_regularization_counts_each_document_once():
+    # one query, G = 3 documents (pos, neg1, neg2): rows [1,0], [0,2], [1,0]
+    docs = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 0.0]])
+    # concat: column means [2/3, 2/3] -> 4/9 + 4/9
+    assert doc_regularization(docs, 3, flops, "concat").item() == pytest.approx(8 / 9)
+    # mean_of_groups: each column of the group is its own batch of B=1 rows: (1 + 4 + 1) / 3
+    assert doc_regularization(docs, 3, flops, "mean_of_groups").item() == pytest.approx(2.0)
+    # L1 is a mean over rows: the same either way, (1 + 2 + 1) / 3
+    assert doc_regularization(docs, 3, l1, "concat").item() == pytest.approx(4 / 3)
+    assert doc_regularization(docs, 3, l1, "mean_of_groups").item() == pytest.approx(4 / 3)
+    with pytest.raises(ValueError, match="form 'sum'"):
+        doc_regularization(docs, 3, flops, "sum")
+    with pytest.raises(ValueError, match="not a multiple of the group size 2"):
+        doc_regularization(docs, 2, flops)
 
 
 def test_reg_weight_schedule_and_state():

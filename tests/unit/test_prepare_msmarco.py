@@ -37,7 +37,8 @@ def test_tiny_fixture_shape_resume_and_verify(tmp_path):
                        f"--data.queries={out / 'queries.train.tsv'}", f"--data.qrels={out / 'qrels.train.tsv'}",
                        f"--data.teacher_scores={out / 'scores.minilm.json.gz'}"])
     examples = load_examples(cfg.data, 1, 0)
-    assert len(examples) == 32 and all(ex.scores[0] > ex.scores[1] for ex in examples)
+    samples = [examples.sample(i, seed=0, epoch=epoch) for epoch in range(3) for i in range(len(examples))]
+    assert len(examples) == 32 and all(s.scores[0] > s.scores[1] for s in samples)
 
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "manifest.json"}
     prepare_msmarco.main(["--tiny", "--out", str(out)])
