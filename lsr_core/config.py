@@ -82,6 +82,10 @@ class DataConfig:
     qrels: str = ""  # TREC qrels
     teacher_scores: str = ""  # msmarco: pickle.gz / json(.gz) {qid: {pid: score}}
     trust_pickle: bool = False  # allow loading a .pkl(.gz) teacher file (pickle can run code); else convert to JSON
+    # msmarco: rescale the teacher's scores onto the reference teacher's mean and std, as the paper's RQ4 RankLLaMA
+    # runs do (lsr_core/teachers.py): none | affine (one map for the file) | affine_query (one map per query)
+    teacher_norm: str = "none"
+    teacher_norm_reference: str = ""  # the teacher file whose scale to match (the MiniLM cross-encoder scores)
     n_negatives: int = 1
     max_examples: int = 0  # 0 = all
 
@@ -219,6 +223,7 @@ CHOICES = {
     "model.packed": ["auto", "true", "false"],
     "model.attention_kernel": ["auto", "varlen"],
     "data.format": ["jsonl", "msmarco"],
+    "data.teacher_norm": ["none", "affine", "affine_query"],
     "train.loss": ["margin_mse", "kl", "infonce"],
     "train.q_reg": ["flops", "l1", "none"],
     "train.d_reg": ["flops", "l1", "none"],
