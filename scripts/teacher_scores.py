@@ -5,7 +5,7 @@ user can swap or scale the teacher (the paper's RQ4: MiniLM-L6 cross-encoder vs 
         --queries data/msmarco/queries.train.tsv --corpus data/msmarco/collection.tsv \\
         --candidates data/msmarco/candidates.train.tsv --out data/msmarco/scores.minilm.json.gz
     accelerate launch --num_processes 8 scripts/teacher_scores.py \\
-        --adapter castorini/rankllama-v1-7b-lora-passage --num-labels 1 \\
+        --adapter castorini/rankllama-v1-13b-lora-passage --num-labels 1 \\
         --query-template "query: {text}" --doc-template "document: {text}" \\
         --dtype bfloat16 ... --out data/msmarco/scores.rankllama.json.gz
     python scripts/teacher_scores.py --model <any instruction LLM> --kind causal_lm ...
