@@ -339,6 +339,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"'{dotted}' must be >= 0, got {value!r}")
     if cfg.train.temperature <= 0:
         raise ConfigError(f"'train.temperature' must be > 0, got {cfg.train.temperature!r}")
+    if cfg.data.teacher_norm != "none" and cfg.data.format != "msmarco":  # the scores it rescales load there
+        raise ConfigError(f"'data.teacher_norm={cfg.data.teacher_norm}' needs 'data.format=msmarco'")
 
 
 def load_config(argv: list[str] | None = None, runs_model: bool = True) -> Config:

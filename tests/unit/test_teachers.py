@@ -85,9 +85,12 @@ def test_affine_needs_a_teacher_spread():
 
 
 def test_config_choices_and_missing_reference():
-    assert load_config(["--data.teacher_norm=affine_query"]).data.teacher_norm == "affine_query"
+    cfg = load_config(["--data.format=msmarco", "--data.teacher_norm=affine_query"])
+    assert cfg.data.teacher_norm == "affine_query"
     with pytest.raises(ConfigError, match="'data.teacher_norm' must be one of"):
         load_config(["--data.teacher_norm=zscore"])
+    with pytest.raises(ConfigError, match="'data.teacher_norm=affine' needs 'data.format=msmarco'"):
+        load_config(["--data.teacher_norm=affine"])  # jsonl scores would be left as they are
     assert normalise_teacher(TEACHER, DataConfig()) is TEACHER
     with pytest.raises(ConfigError, match="needs 'data.teacher_norm_reference'"):
         normalise_teacher(TEACHER, DataConfig(teacher_norm="affine"))
