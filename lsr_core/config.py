@@ -83,6 +83,10 @@ class DataConfig:
     qrels: str = ""  # TREC qrels
     teacher_scores: str = ""  # msmarco: pickle.gz / json(.gz) {qid: {pid: score}}
     trust_pickle: bool = False  # allow loading a .pkl(.gz) teacher file (pickle can run code); else convert to JSON
+    # msmarco: rescale the teacher's scores onto the reference teacher's mean and std, as the paper's RQ4 RankLLaMA
+    # runs do (lsr_core/teachers.py): none | affine (one map for the file) | affine_query (one map per query)
+    teacher_norm: str = "none"
+    teacher_norm_reference: str = ""  # the teacher file whose scale to match (the MiniLM cross-encoder scores)
     n_negatives: int = 1
     max_examples: int = 0  # 0 = all
 
@@ -222,6 +226,7 @@ CHOICES = {
     "model.packed": ["auto", "true", "false"],
     "model.attention_kernel": ["auto", "varlen"],
     "data.format": ["jsonl", "msmarco"],
+    "data.teacher_norm": ["none", "affine", "affine_query"],
     "train.loss": ["margin_mse", "kl", "infonce"],
     "train.q_reg": ["flops", "l1", "none"],
     "train.d_reg": ["flops", "l1", "none"],
@@ -351,6 +356,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"'{dotted}' must be >= 0, got {value!r}")
     if cfg.train.temperature <= 0:
         raise ConfigError(f"'train.temperature' must be > 0, got {cfg.train.temperature!r}")
+    if cfg.data.teacher_norm != "none" and cfg.data.format != "msmarco":  # the scores it rescales load there
+        raise ConfigError(f"'data.teacher_norm={cfg.data.teacher_norm}' needs 'data.format=msmarco'")
 
 
 def load_config(argv: list[str] | None = None, runs_model: bool = True) -> Config:

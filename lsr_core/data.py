@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from lsr_core.teachers import normalise_teacher
 from lsr_core.utils import InputError, atomic_write_json, load_texts, read_jsonl, read_qrels, read_texts
 
 logger = logging.getLogger(__name__)
@@ -274,6 +275,7 @@ def _load_msmarco(data_cfg, n_negatives: int, rng: random.Random) -> TrainSet:
         if not getattr(data_cfg, key):
             raise InputError(f"data.format=msmarco needs 'data.{key}'")
     teacher = load_teacher_scores(data_cfg.teacher_scores, data_cfg.trust_pickle)
+    teacher = normalise_teacher(teacher, data_cfg)  # data.teacher_norm: "none" leaves the scores as they are
     qrels = read_qrels(data_cfg.qrels)
     examples: list[TrainExample] = []
     no_positive = too_few = 0
