@@ -328,11 +328,15 @@ def _read_yaml(path: str) -> dict:
     return data
 
 
-def _parse_cli_value(raw: str):
-    """CLI values are YAML scalars (`1e-4`, `true`, `[a, b]`); bare strings stay strings."""
+def _parse_cli_value(raw: str, typ=None):
+    """CLI values are YAML scalars (`1e-4`, `true`, `[a, b]`); bare strings stay strings. For a string key the text
+    is taken as it is (`no`, `query: ` would otherwise parse as a bool or a mapping), unless it is a quoted YAML
+    string."""
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
+        return raw
+    if typ is str and not isinstance(value, str):
         return raw
     return raw if value is None and raw != "" else value
 
@@ -385,7 +389,9 @@ def load_config(argv: list[str] | None = None, runs_model: bool = True) -> Confi
             raise ConfigError(f"bad argument {arg!r}: expected --section.key=value")
         dotted, raw = arg[2:].split("=", 1)
         sec, _, key = dotted.partition(".")
-        _merge(cfg, {sec: {key: _parse_cli_value(raw)}}, "command line")
+        section = getattr(cfg, sec, None)
+        typ = typing.get_type_hints(type(section)).get(key) if dataclasses.is_dataclass(section) else None
+        _merge(cfg, {sec: {key: _parse_cli_value(raw, typ)}}, "command line")
     validate(cfg)
     resolve_precision(cfg, warn=runs_model)
     return cfg

@@ -150,3 +150,14 @@ def test_missing_config_file(tmp_path):
         load_config(["--cfg"])
     with pytest.raises(ConfigError, match=r"expected --section.key=value"):
         load_config(["--lr=3"])
+
+
+def test_cli_strings_stay_strings():
+    # YAML would read `no` as false and `query: ` as a mapping; a string key takes the text as typed
+    cfg = load_config(["--train.mixed_precision=no", "--model.query_prefix=query: ", "--model.doc_prefix='passage: '",
+                       "--exp.name=on"])
+    assert cfg.train.mixed_precision == "no"
+    assert (cfg.model.query_prefix, cfg.model.doc_prefix, cfg.exp.name) == ("query: ", "passage: ", "on")
+    assert load_config(["--encode.topk=5"]).encode.topk == 5  # other types are still parsed
+    with pytest.raises(ConfigError, match=r"'train.mixed_precision' must be one of"):
+        load_config(["--train.mixed_precision=maybe"])

@@ -110,8 +110,9 @@ def test_msmarco_examples_carry_normalised_scores(tmp_path, norm, formula):
     plain = load_examples(cfg(), n_negatives=2, seed=0)
     scaled = load_examples(cfg(teacher_norm=norm, teacher_norm_reference=str(tmp_path / "ref.json")),
                            n_negatives=2, seed=0)
-    assert [(ex.qid, ex.pos_id, ex.neg_ids) for ex in scaled] == [(ex.qid, ex.pos_id, ex.neg_ids) for ex in plain]
-    for ex in scaled:
+    draws = [[data.sample(i, seed=0, epoch=0) for i in range(len(data))] for data in (plain, scaled)]
+    assert [(ex.qid, ex.pos_id, ex.neg_ids) for ex in draws[1]] == [(ex.qid, ex.pos_id, ex.neg_ids) for ex in draws[0]]
+    for ex in draws[1]:
         want = [expected[ex.qid][d] for d in [ex.pos_id, *ex.neg_ids]]
         assert ex.scores == pytest.approx(want, abs=1e-12)
         assert ex.scores != [teacher[ex.qid][d] for d in [ex.pos_id, *ex.neg_ids]]
