@@ -3,6 +3,7 @@ SPLADE-tiny and tiny T5), the memory-lean head against the naive one (forward an
 support, decoder options (bidirectional, echo), save/load round trips, and loading errors."""
 import dataclasses
 import importlib.util
+import json
 import time
 from pathlib import Path
 
@@ -341,6 +342,21 @@ def test_save_load_round_trip(tiny, tmp_path, arch, options):
         dataclasses.replace(model.spec, head_kernel="torch", head_chunk=7)
     for role in ("q", "d"):
         assert torch.equal(reloaded.encode(TEXTS, is_query=role == "q"), before[role]), role
+
+
+@torch.no_grad()
+def test_a_folder_saved_without_special_tokens_loads_as_keep(tiny, tmp_path):
+    """Folders saved before model.special_tokens existed were trained pooling [CLS]/[SEP]: they keep doing so."""
+    model = load(tiny["bert"], special_tokens="keep")
+    model.save(tmp_path / "saved")
+    path = tmp_path / "saved" / "lsr_config.json"
+    data = json.loads(path.read_text())
+    assert data.pop("special_tokens") == "keep"
+    path.write_text(json.dumps(data))
+    old = load(tmp_path / "saved")  # the model section's default (reference) does not apply to a saved folder
+    assert old.spec.special_tokens == "keep"
+    assert torch.equal(old.encode(TEXTS, is_query=False), model.encode(TEXTS, is_query=False))
+    assert not torch.allclose(load(tiny["bert"]).encode(TEXTS, is_query=False), model.encode(TEXTS, is_query=False))
 
 
 # ------------------------------------------------------------------------------------------------ errors
