@@ -51,7 +51,9 @@ def main(argv=None):
     path = resolve_model_path("pkg:cognition/model")
     dtype = getattr(torch, args.dtype)
 
-    ours = build_model(ModelConfig(name_or_path=path, max_doc_len=args.max_length, dtype=args.dtype)).eval()
+    # special_tokens=keep: [CLS]/[SEP] pool, as in the sentence-transformers peer, so both compute the same vectors
+    ours = build_model(ModelConfig(name_or_path=path, max_doc_len=args.max_length, dtype=args.dtype,
+                                   special_tokens="keep")).eval()
     from sentence_transformers.sparse_encoder import SparseEncoder
     from sentence_transformers.sparse_encoder.models import MLMTransformer, SpladePooling
 

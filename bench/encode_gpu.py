@@ -178,7 +178,7 @@ def bench_ours(folder, texts, warm, args, device, workers: int, compile_mode: st
     torch._dynamo.utils.counters.clear()
     model = build_model(ModelConfig(name_or_path=str(folder), dtype="bfloat16", compile=mode,
                                     compile_scope=scope or "stack", head_kernel=head, packed=packed,
-                                    attention_kernel=attention)).to(device)
+                                    attention_kernel=attention, special_tokens="keep")).to(device)  # as ST pools
     model.eval()
     if args.target_nnz and args.shift is None:
         args.shift = output_bias_shift(model, warm, args)

@@ -143,7 +143,8 @@ def profile_step(step, label: str, rows: int = 14) -> None:
 
 def bench_ours(args, folder: Path, device, compiled: str) -> dict:
     # model.compile: what train.py does with --model.compile=<mode>
-    mcfg = ModelConfig(name_or_path=str(folder), kind="encoder", compile=compiled or "none")
+    mcfg = ModelConfig(name_or_path=str(folder), kind="encoder", compile=compiled or "none",
+                       special_tokens="keep")  # [CLS]/[SEP] pool, as in the sentence-transformers peer
     model = build_model(mcfg, training=True).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     q, d, teacher = make_batch(args, model.vocab_size, device, seed=0)

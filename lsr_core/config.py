@@ -45,6 +45,9 @@ class ModelConfig:
     bidirectional: bool = False  # decoder only: replace the causal mask by a full one
     echo: bool = False  # decoder only: feed the text twice, read logits on the second copy
     drop_bos: bool = False  # decoder only: do not pool the first position (attention sink)
+    special_tokens: str = "reference"  # which special tokens ([CLS], [SEP], BOS) pool: reference = as the paper's
+    #   code (JingfenQiao/Decoder4LSR) does: left out by encoder heads and decoder MLM heads, kept by T5 heads and
+    #   decoder MLP heads | keep = every non-pad position pools (sentence-transformers' and naver's SPLADE)
     query_prefix: str = ""
     doc_prefix: str = ""
     max_query_len: int = 32
@@ -218,6 +221,7 @@ CHOICES = {
     "model.doc_head": ["mlm", "mlp"],
     "model.pooling": ["max", "sum"],
     "model.decoding": ["multi_token", "single_token", "encoder_only", "decoder_only"],
+    "model.special_tokens": ["reference", "keep"],
     "model.dtype": ["float32", "bfloat16", "float16", "auto"],
     "model.quantization": ["none", "4bit", "8bit"],
     "model.compile": ["none", "default", "reduce-overhead", "max-autotune"],

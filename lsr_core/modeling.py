@@ -6,10 +6,12 @@ A backbone is one of three kinds, and the kinds differ only in how vocabulary lo
 |-----------------|---------------------------|------------------------------------------------------------------|
 | encoder         | AutoModelForMaskedLM      | every input position (MLM)                                        |
 | decoder         | AutoModelForCausalLM      | every input position (multi-token); options: bidirectional, echo, drop_bos |
-| encoder_decoder | AutoModelForSeq2SeqLM     | multi_token: decoder fed the shifted input, every step; single_token: one step from the start token; encoder_only: lm_head on encoder states; decoder_only: decoder alone |
+| encoder_decoder | AutoModelForSeq2SeqLM     | multi_token: decoder fed the shifted input, steps 1..n-1; single_token: one step from the start token; encoder_only: lm_head on encoder states; decoder_only: the decoder stack alone, steps 1..n-1 |
 
 Heads: `mlm` (logits -> ReLU -> log1p -> max/sum over pooled positions, with expansion) and `mlp`
-(Linear(hidden, 1) -> ReLU per input token, scattered to its token id, max over repeats; no expansion).
+(Linear(hidden, 1) -> ReLU per input token, scattered to its token id; a repeated token's weights summed in queries,
+max in documents; no expansion). Which positions pool (special tokens, shifted decoder steps) is the reference's
+(`drops_special_tokens`, `pools_shifted`).
 `SparseModel` holds the backbones (one when shared) and heads; `sparse_forward` runs one of them on a batch.
 
 The MLM head never builds [batch, length, vocab] in full: the backbone's output projection (`get_output_embeddings()`)
@@ -63,6 +65,7 @@ class LSRSpec:
     bidirectional: bool = False
     echo: bool = False
     drop_bos: bool = False
+    special_tokens: str = "reference"
     query_prefix: str = ""
     doc_prefix: str = ""
     max_query_len: int = 32
@@ -263,11 +266,14 @@ def _activate(pooled: torch.Tensor, bias, activate: bool) -> torch.Tensor:
     return torch.log1p(torch.relu(pooled)) if activate else pooled
 
 
-def mlp_pool(token_weights: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, vocab: int) -> torch.Tensor:
-    """token_weights [B, L] (already ReLU'd), input_ids [B, L], mask [B, L] -> reps [B, V]: max over repeats."""
+def mlp_pool(token_weights: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, vocab: int,
+             merge: str = "amax") -> torch.Tensor:
+    """token_weights [B, L] (already ReLU'd), input_ids [B, L], mask [B, L] -> reps [B, V]. The weights of a token
+    that repeats merge by `merge`: "sum" for queries and "amax" for documents, as the reference's dual encoder
+    densifies query and document vectors (lsr/models/__init__.py)."""
     reps = token_weights.new_zeros(input_ids.shape[0], vocab, dtype=torch.float32)
     weights = token_weights.float() * mask.float()
-    return reps.scatter_reduce(1, input_ids, weights, reduce="amax", include_self=True)
+    return reps.scatter_reduce(1, input_ids, weights, reduce=merge, include_self=True)
 
 
 @contextlib.contextmanager
@@ -485,6 +491,25 @@ def _packed_inputs(backbone, batch: dict) -> tuple[dict, torch.Tensor, torch.Ten
 
 
 # --------------------------------------------------------------------------------------------------------- model
+# Which positions pool is the paper's code's (JingfenQiao/Decoder4LSR, a fork of thongnt99/learned-sparse-retrieval)
+# for every model class its scripts use; `tokenize` writes it into pool_mask, which every path (padded, packed, the
+# Triton head, the MLP head) reads. tests/unit/test_reference_parity.py restates the reference's formulas.
+
+def drops_special_tokens(spec: LSRSpec, head: str) -> bool:
+    """Whether `head` leaves special tokens ([CLS], [SEP], BOS) out of pooling. model.special_tokens=reference: the
+    reference multiplies by 1 - special_tokens_mask in its BERT/DistilBERT heads (mlm.py, mlp.py) and its OPT MLM head
+    (mlm_de_multi_opt.py); its T5 heads and its OPT MLP head use the attention mask alone. keep: none is left out."""
+    return spec.special_tokens == "reference" and (spec.kind == "encoder" or (spec.kind == "decoder" and head == "mlm"))
+
+
+def pools_shifted(spec: LSRSpec) -> bool:
+    """Whether pooling reads decoder steps 1..n-1 of an n-token text (step t has read tokens < t and predicts token t,
+    so an MLP weight read there goes to token t). The reference multiplies the decoder's outputs by the attention mask
+    shifted right ([0, m0, m1, ...]): step 0, which has read only the start token, never pools. For a text padded in
+    its batch that mask also covers step n (it reads </s> and predicts a pad), so the reference's vector depends on
+    the batch; we leave step n out for every text, which equals the reference for a text that is not padded."""
+    return spec.kind == "encoder_decoder" and spec.decoding in ("multi_token", "decoder_only")
+
 
 def _backbone_inputs(backbone, spec: LSRSpec, batch: dict) -> dict:
     """The keyword arguments of the backbone's forward for one tokenized batch."""
@@ -510,10 +535,6 @@ def _backbone_inputs(backbone, spec: LSRSpec, batch: dict) -> dict:
     if spec.decoding == "multi_token":  # teacher-forced copy: step t reads tokens < t and predicts token t
         return {"input_ids": ids, "attention_mask": attn, "decoder_input_ids": backbone._shift_right(ids),
                 "decoder_attention_mask": shifted_mask}
-    if spec.decoding == "decoder_only":  # the decoder reads the text alone; the encoder sees only EOS
-        eos = torch.full((ids.shape[0], 1), backbone.config.eos_token_id, device=ids.device)
-        return {"input_ids": eos, "attention_mask": torch.ones_like(eos),
-                "decoder_input_ids": backbone._shift_right(ids), "decoder_attention_mask": shifted_mask}
     raise ValueError(f"unknown decoding {spec.decoding!r}")
 
 
@@ -533,10 +554,11 @@ def _head_bias(projection: nn.Module, shift: float):
 
 
 def sparse_forward(backbone, spec: LSRSpec, head: str, mlp: nn.Linear | None, batch: dict,
-                   raw: bool = False, packed: bool = False) -> torch.Tensor:
+                   raw: bool = False, packed: bool = False, merge: str = "amax") -> torch.Tensor:
     """One tokenized batch -> reps [B, V] (float32, non-negative) with the given backbone and head.
     `raw=True` (MLM head, no gradient): the max-pooled logits before ReLU and log1p instead.
-    `packed=True` (encoder with `enable_packing`, MLM head, max pooling, no gradient): run the texts unpadded."""
+    `packed=True` (encoder with `enable_packing`, MLM head, max pooling, no gradient): run the texts unpadded.
+    `merge`: how the MLP head merges the weights of a repeated token (`mlp_pool`)."""
     projection = backbone.get_output_embeddings()
     vocab = full_shape(projection.weight)[0]
     unpad = None
@@ -557,12 +579,21 @@ def sparse_forward(backbone, spec: LSRSpec, head: str, mlp: nn.Linear | None, ba
         mask = torch.ones_like(batch["input_ids"][:, :1])
     else:
         mask = batch["pool_mask"]
-    if spec.kind == "encoder_decoder" and spec.decoding == "encoder_only":
-        hidden = backbone.get_encoder()(input_ids=batch["input_ids"],
-                                        attention_mask=batch["attention_mask"]).last_hidden_state
+    if spec.kind == "encoder_decoder" and spec.decoding in ("encoder_only", "decoder_only"):
+        if spec.decoding == "encoder_only":
+            hidden = backbone.get_encoder()(input_ids=batch["input_ids"],
+                                            attention_mask=batch["attention_mask"]).last_hidden_state
+        else:  # the decoder stack alone, as the reference runs it: no encoder states, so no cross-attention
+            hidden = backbone.get_decoder()(input_ids=backbone._shift_right(batch["input_ids"]),
+                                            attention_mask=batch["attention_mask"]).last_hidden_state
         if head == "mlp":
-            return mlp_pool(torch.relu(mlp(hidden.to(mlp.weight.dtype))).squeeze(-1), batch["input_ids"], mask, vocab)
-        if getattr(backbone.config, "tie_word_embeddings", False):  # T5 rescales before a tied lm_head
+            return mlp_pool(torch.relu(mlp(hidden.to(mlp.weight.dtype))).squeeze(-1), batch["input_ids"], mask, vocab,
+                            merge)
+        # original T5 rescales the states before its lm_head, T5 v1.1 / Flan-T5 does not (transformers >= 5 says so
+        # in scale_decoder_outputs, older ones by an untied lm_head); the reference calls lm_head without it, which
+        # agrees for Flan-T5, the paper's backbone
+        config = backbone.config
+        if getattr(config, "scale_decoder_outputs", getattr(config, "tie_word_embeddings", False)):
             hidden = hidden * backbone.config.d_model ** -0.5
         return mlm(hidden)
     if head == "mlm":
@@ -572,7 +603,16 @@ def sparse_forward(backbone, spec: LSRSpec, head: str, mlp: nn.Linear | None, ba
     with _projection_swapped(projection, lambda feats: feats[..., :1]):
         out = backbone(**_backbone_inputs(backbone, spec, batch), use_cache=False, output_hidden_states=True)
     hidden = out.decoder_hidden_states[-1] if spec.kind == "encoder_decoder" else out.hidden_states[-1]
-    return mlp_pool(torch.relu(mlp(hidden.to(mlp.weight.dtype))).squeeze(-1), batch["input_ids"], mask, vocab)
+    return mlp_pool(torch.relu(mlp(hidden.to(mlp.weight.dtype))).squeeze(-1), batch["input_ids"], mask, vocab, merge)
+
+
+def new_mlp_head(kind: str, hidden: int) -> nn.Linear:
+    """A fresh MLP head Linear(hidden, 1), initialised as the reference's: its encoder (BERT) MLP head redraws the
+    weight with kaiming_normal_ for ReLU (lsr/models/mlp.py); its T5 and OPT MLP heads keep nn.Linear's own init."""
+    layer = nn.Linear(hidden, 1)
+    if kind == "encoder":
+        nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+    return layer
 
 
 class SparseModel(nn.Module):
@@ -589,8 +629,8 @@ class SparseModel(nn.Module):
         self.query_backbone = query_backbone if query_backbone is not doc_backbone else None
         hidden = full_shape(doc_backbone.get_input_embeddings().weight)[1]
         mlps = mlps or {}
-        self.query_mlp = (mlps.get("query") or nn.Linear(hidden, 1)) if spec.query_head == "mlp" else None
-        self.doc_mlp = (mlps.get("doc") or nn.Linear(hidden, 1)) if spec.doc_head == "mlp" else None
+        self.query_mlp = (mlps.get("query") or new_mlp_head(spec.kind, hidden)) if spec.query_head == "mlp" else None
+        self.doc_mlp = (mlps.get("doc") or new_mlp_head(spec.kind, hidden)) if spec.doc_head == "mlp" else None
 
     @property
     def vocab_size(self) -> int:
@@ -631,7 +671,8 @@ class SparseModel(nn.Module):
             raise ValueError("a packed batch (host_batch(..., pack=True)) for a model that does not pack here")
         if is_query:
             backbone = self.query_backbone if self.query_backbone is not None else self.doc_backbone
-            return sparse_forward(backbone, self.spec, self.spec.query_head, self.query_mlp, batch, packed=packed)
+            return sparse_forward(backbone, self.spec, self.spec.query_head, self.query_mlp, batch, packed=packed,
+                                  merge="sum")
         return sparse_forward(self.doc_backbone, self.spec, self.spec.doc_head, self.doc_mlp, batch, packed=packed)
 
     def forward(self, q_batch: dict, d_batch: dict):
@@ -665,14 +706,16 @@ class SparseModel(nn.Module):
         if not texts or (spec.kind == "decoder" and spec.echo):
             return self._tokenize_rows(texts, is_query)
         head = spec.query_head if is_query else spec.doc_head
+        drop = drops_special_tokens(spec, head)
         # numpy, then torch without a copy: ~1.4x the tokenizer's own torch conversion (bench/RESULTS.md, tokenisation)
         encoded = tok(texts, truncation=True, max_length=spec.max_query_len if is_query else spec.max_doc_len,
-                      return_special_tokens_mask=head == "mlp", padding=True, padding_side=self._padding_side(),
+                      return_special_tokens_mask=drop, padding=True, padding_side=self._padding_side(),
                       pad_to_multiple_of=self.pad_multiple if self.pad_multiple > 1 else None, return_tensors="np")
         ids, attention = (torch.from_numpy(encoded[key]).long() for key in ("input_ids", "attention_mask"))
-        # the MLP head weights input tokens, so special tokens ([CLS], </s>, BOS) get none
-        special = torch.from_numpy(encoded["special_tokens_mask"]).long() if head == "mlp" else 0
+        special = torch.from_numpy(encoded["special_tokens_mask"]).long() if drop else 0
         pool = attention * (1 - special)
+        if pools_shifted(spec):
+            pool[:, 0] = 0  # right-padded: column 0 is every text's decoder step 0
         if spec.kind == "decoder" and spec.drop_bos:
             rows, first = torch.arange(len(texts)), attention.argmax(1)
             pool[rows, first] *= ((ids[rows, first] != tok.bos_token_id) | (attention[rows, first] == 0)).long()
@@ -691,7 +734,7 @@ class SparseModel(nn.Module):
         return pack_batch(batch) if pack else batch
 
     def _tokenize_packed(self, texts: list[str], is_query: bool) -> dict:
-        """`pack_batch(tokenize(texts))` for an encoder with an MLM head (every real token pooled), without the
+        """`pack_batch(tokenize(texts))` for an encoder with an MLM head, without the
         padded batch in between: the Rust tokenizer's encodings (no offsets) joined end to end. 1.5-1.8x the docs/s
         of the padded path on a CPU core (bench/tokenize_cpu.py), which is what feeds packed BERT on a GPU."""
         spec = self.spec
@@ -703,10 +746,16 @@ class SparseModel(nn.Module):
         ends = lengths.cumsum(0, dtype=torch.int32)
         total = int(ends[-1])
         ids = torch.from_numpy(np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=total))
+        if drops_special_tokens(spec, "mlm"):
+            special = np.fromiter(itertools.chain.from_iterable(e.special_tokens_mask for e in encodings),
+                                  dtype=np.int64, count=total)
+            pool = 1 - torch.from_numpy(special)
+        else:
+            pool = torch.ones(total, dtype=torch.long)
         starts = (ends - lengths).long().repeat_interleave(lengths.long(), output_size=total)
         width = _round_up(_round_up(int(lengths.max()), self.pad_multiple), 64)
         return {"input_ids": ids, "position_ids": torch.arange(total) - starts,
-                "pool_mask": torch.ones(total, dtype=torch.long), "cu_seq_lens": torch.cat([ends.new_zeros(1), ends]),
+                "pool_mask": pool, "cu_seq_lens": torch.cat([ends.new_zeros(1), ends]),
                 "max_length": width}
 
     def _packing_tokenizer(self, max_len: int):
@@ -733,15 +782,18 @@ class SparseModel(nn.Module):
         max_len = spec.max_query_len if is_query else spec.max_doc_len
         encoded = tok(texts, truncation=True, max_length=max_len, return_special_tokens_mask=True)
         head = spec.query_head if is_query else spec.doc_head
+        drop = drops_special_tokens(spec, head)
         rows, pools = [], []
         for ids, special in zip(encoded["input_ids"], encoded["special_tokens_mask"]):
-            pool = [0 if (head == "mlp" and s) else 1 for s in special]
+            pool = [0 if (drop and s) else 1 for s in special]
+            if pools_shifted(spec) and pool:
+                pool[0] = 0
             if spec.kind == "decoder" and spec.drop_bos and ids and ids[0] == tok.bos_token_id:
                 pool[0] = 0
             if spec.kind == "decoder" and spec.echo:
                 # pool only the second copy: there every position has seen the whole text
                 body = ids[1:] if ids and ids[0] == tok.bos_token_id else ids
-                pool = [0] * len(ids) + [0 if (head == "mlp" and s) else 1 for s in special[len(ids) - len(body):]]
+                pool = [0] * len(ids) + [0 if (drop and s) else 1 for s in special[len(ids) - len(body):]]
                 ids = ids + body
             rows.append(ids)
             pools.append(pool)
@@ -885,6 +937,7 @@ def build_model(mcfg, training: bool = False) -> SparseModel:
     if saved.is_file():
         data = json.loads(saved.read_text())
         data = {k: v for k, v in data.items() if k not in RUNTIME_FIELDS}
+        data.setdefault("special_tokens", "keep")  # a folder saved before the key existed pooled them (MLM heads)
         unknown = set(data) - {f.name for f in fields(LSRSpec)}
         if unknown:
             raise ModelLoadError(f"{saved}: unknown keys {sorted(unknown)}")

@@ -3,6 +3,7 @@ SPLADE-tiny and tiny T5), the memory-lean head against the naive one (forward an
 support, decoder options (bidirectional, echo), save/load round trips, and loading errors."""
 import dataclasses
 import importlib.util
+import json
 import time
 from pathlib import Path
 
@@ -140,7 +141,7 @@ def test_mlm_head_on_real_splade_tiny_matches_direct_computation():
     folder = splade_tiny_folder()
     texts = ["what is the capital of france", "Paris is the capital and most populous city of France.",
              "a short one"]
-    model = load(folder)
+    model = load(folder, special_tokens="keep")  # the direct computation below pools [CLS] and [SEP] too
     assert model.spec.kind == "encoder"
     ours = model.encode(texts, is_query=False)
 
@@ -219,10 +220,11 @@ def test_mlp_head_weights_only_input_tokens(tiny, arch):
     reps = model.encode(TEXTS, is_query=False)
     tok = model.tokenizer
     for text, rep in zip(TEXTS, reps):
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        assert set(rep.nonzero().flatten().tolist()) == set(ids)
-    specials = set(tok.all_special_ids)
-    assert not (reps[:, sorted(specials)] > 0).any()
+        ids = tok(text)["input_ids"]
+        # as the reference: BERT's head leaves [CLS]/[SEP] out, a decoder's keeps BOS, T5's reads decoder steps
+        # 1..n-1, whose weights go to the tokens after the first, </s> included
+        expected = {"bert": [i for i in ids if i not in tok.all_special_ids], "llama": ids, "t5": ids[1:]}[arch]
+        assert set(rep.nonzero().flatten().tolist()) == set(expected)
 
 
 @torch.no_grad()
@@ -301,7 +303,8 @@ def test_t5_multi_token_reads_every_step_of_the_shifted_input(tiny):
     model = load(tiny["t5"])
     t5 = AutoModelForSeq2SeqLM.from_pretrained(tiny["t5"]).eval()
     enc = model.tokenizer(TEXTS, padding=True, return_tensors="pt")
-    mask = enc["attention_mask"]
+    mask = enc["attention_mask"].clone()
+    mask[:, 0] = 0  # step 0 has read only the start token: the reference never pools it
     logits = t5(**enc, decoder_input_ids=t5._shift_right(enc["input_ids"])).logits
     direct = (torch.log1p(torch.relu(logits)) * mask[..., None]).amax(1)
     torch.testing.assert_close(model.encode(TEXTS, is_query=False), direct, atol=1e-5, rtol=1e-5)
@@ -339,6 +342,21 @@ def test_save_load_round_trip(tiny, tmp_path, arch, options):
         dataclasses.replace(model.spec, head_kernel="torch", head_chunk=7)
     for role in ("q", "d"):
         assert torch.equal(reloaded.encode(TEXTS, is_query=role == "q"), before[role]), role
+
+
+@torch.no_grad()
+def test_a_folder_saved_without_special_tokens_loads_as_keep(tiny, tmp_path):
+    """Folders saved before model.special_tokens existed were trained pooling [CLS]/[SEP]: they keep doing so."""
+    model = load(tiny["bert"], special_tokens="keep")
+    model.save(tmp_path / "saved")
+    path = tmp_path / "saved" / "lsr_config.json"
+    data = json.loads(path.read_text())
+    assert data.pop("special_tokens") == "keep"
+    path.write_text(json.dumps(data))
+    old = load(tmp_path / "saved")  # the model section's default (reference) does not apply to a saved folder
+    assert old.spec.special_tokens == "keep"
+    assert torch.equal(old.encode(TEXTS, is_query=False), model.encode(TEXTS, is_query=False))
+    assert not torch.allclose(load(tiny["bert"]).encode(TEXTS, is_query=False), model.encode(TEXTS, is_query=False))
 
 
 # ------------------------------------------------------------------------------------------------ errors

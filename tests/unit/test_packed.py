@@ -36,14 +36,19 @@ def packed_calls(monkeypatch):
     return calls
 
 
+@pytest.mark.parametrize("special", ["reference", "keep"])
 @pytest.mark.parametrize("arch", list(PACKED_POSITION_OFFSET))
-def test_packed_vectors_equal_padded_ones(tiny, arch, packed_calls):
-    _, padded = encode(tiny[arch], TEXTS, packed="false")
+def test_packed_vectors_equal_padded_ones(tiny, arch, special, packed_calls):
+    """Both model.special_tokens choices: the packed row carries the pool mask that leaves [CLS]/[SEP] out."""
+    _, padded = encode(tiny[arch], TEXTS, packed="false", special_tokens=special)
     assert not packed_calls
-    model, packed = encode(tiny[arch], TEXTS, packed="true")
+    model, packed = encode(tiny[arch], TEXTS, packed="true", special_tokens=special)
     assert packed_calls and model.doc_backbone.config._attn_implementation == modeling.PACKED_ATTENTION
     assert (padded > 0).sum() > 0
     torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
+    batch = modeling.pack_batch(model.tokenize(TEXTS, is_query=False))
+    special_ids = torch.tensor(model.tokenizer.all_special_ids)
+    assert torch.equal(batch["pool_mask"] == 0, torch.isin(batch["input_ids"], special_ids) & (special == "reference"))
 
 
 def test_packed_queries_and_length_buckets(tiny, packed_calls):

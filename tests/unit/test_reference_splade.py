@@ -24,7 +24,8 @@ def test_vectors_equal_sentence_transformers_splade():
     reference = st.SparseEncoder(modules=[MLMTransformer(path, max_seq_length=64), SpladePooling("max")],
                                  device="cpu")
     expected = reference.encode(TEXTS, convert_to_sparse_tensor=False, batch_size=2)
-    model = build_model(load_config([f"--model.name_or_path={path}", "--model.max_doc_len=64"]).model).eval()
+    model = build_model(load_config([f"--model.name_or_path={path}", "--model.max_doc_len=64",
+                                     "--model.special_tokens=keep"]).model).eval()
     with torch.inference_mode():
         ours = model.encode(TEXTS, is_query=False)
     assert ours.shape == expected.shape
