@@ -54,8 +54,8 @@ def top10(run_file: Path) -> dict:
 
 
 # Seismic keeps document weights in half precision: a weight is off by at most 2^-11 of itself, so a score (a sum
-# of non-negative products, accumulated in float32) by at most SEISMIC_REL of itself; the run files print scores
-# to 6 decimals (SEISMIC_ABS covers two roundings).
+# of non-negative products) by 2^-11 of itself plus float32's summation error, within SEISMIC_REL; the run files
+# print scores to 6 decimals (SEISMIC_ABS covers two roundings).
 SEISMIC_REL, SEISMIC_ABS = 2.0 ** -10, 1e-6
 
 
