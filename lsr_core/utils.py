@@ -351,8 +351,18 @@ def stable_bucket(key: str, salt: str = "split") -> float:
 
 def native_bf16() -> bool:
     """Whether bf16 matmuls run natively where our scripts run (CUDA when present, else the CPU): a GPU with bf16, or
-    a CPU with AVX512-BF16 or AMX. Elsewhere oneDNN emulates them: a [2048, 256] x [256, 30522] matmul took 26.4 s
-    in bf16 against 1.16 s in float32 on a 2-core AVX2 EPYC (2026-12-01)."""
+    a CPU with AVX512-BF16 or AMX. Elsewhere oneDNN emulates them, many times slower than float32 (bench/RESULTS.md).
+
+    The environment variable LSR_NATIVE_BF16 forces the answer (1: native, 0: emulated; unset or empty: ask the
+    hardware), so that one machine can run the tests as the other kind would; `auto` precision resolves through
+    here (`lsr_core.config.resolve_precision`). It is read at every call."""
+    forced = os.environ.get("LSR_NATIVE_BF16", "").strip()
+    if forced:
+        if forced not in ("0", "1"):
+            from lsr_core.config import ConfigError
+
+            raise ConfigError(f"LSR_NATIVE_BF16 must be 0 or 1 (or unset), got {forced!r}")
+        return forced == "1"
     import torch
 
     if torch.cuda.is_available():

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import encode
@@ -33,38 +32,66 @@ def trained(tmp_path_factory):
     train.main(["--cfg", str(ROOT / "yamls/tiny/bert_mlm.yaml"), f"--model.name_or_path={model}",
                 f"--exp.output_dir={out}", f"--data.train_file={root}/data/train.jsonl",
                 f"--data.corpus={root}/data/corpus.jsonl", f"--data.queries={root}/data/queries.jsonl",
-                "--train.max_steps=60"])
+                "--train.max_steps=60", "--model.dtype=float32", '--train.mixed_precision="no"'])  # whatever the CPU
     encode.main([f"--exp.output_dir={out}", f"--encode.input={root}/data/corpus.jsonl", "--encode.kind=doc",
                  "--encode.shard_size=20"])
     encode.main([f"--exp.output_dir={out}", f"--encode.input={root}/data/queries.jsonl", "--encode.kind=query"])
     return root, out
 
 
-def top10(run_file: Path) -> dict:
-    ranked = {}
+def ranked(run_file: Path) -> dict:
+    """qid -> [(docid, score), ...] best first, as the run file lists them."""
+    hits = {}
     for line in run_file.read_text().splitlines():
-        qid, _, docid, rank, _, _ = line.split()
-        if int(rank) <= 10:
-            ranked.setdefault(qid, []).append(docid)
-    return ranked
+        qid, _, docid, _, score, _ = line.split()
+        hits.setdefault(qid, []).append((docid, float(score)))
+    return hits
+
+
+def top10(run_file: Path) -> dict:
+    return {qid: [docid for docid, _ in hits[:10]] for qid, hits in ranked(run_file).items()}
+
+
+# Seismic keeps document weights in half precision: a weight is off by at most 2^-11 of itself, so a score (a sum
+# of non-negative products) by 2^-11 of itself plus float32's summation error, within SEISMIC_REL; the run files
+# print scores to 6 decimals (SEISMIC_ABS covers two roundings).
+SEISMIC_REL, SEISMIC_ABS = 2.0 ** -10, 1e-6
 
 
 def test_chain_every_engine_agrees_with_exact(trained):
     root, out = trained
+    meta = read_meta(out / "encode" / "corpus")
+    n_docs = meta["count"]
+    # Seismic is approximate by design; these parameters make it visit every document that shares a term with the
+    # query, whatever its random clustering: n_postings >= documents prunes no posting list (each keeps up to
+    # 1.5 x n_postings of the n_postings x vocabulary postings), query_cut >= the vocabulary walks every query
+    # term's list, and k >= documents means its heap of k best is never full before every document is scored, so
+    # no block is skipped on its summary. What is left is its half-precision weights (SEISMIC_REL).
     runs = {}
     for engine in ENGINES:
-        index.main([f"--exp.output_dir={out}", f"--index.engine={engine}", "--index.seismic_n_postings=50"])
+        index.main([f"--exp.output_dir={out}", f"--index.engine={engine}", f"--index.seismic_n_postings={n_docs}"])
         runs[engine] = out / "search" / f"{engine}.trec"
         search.main([f"--exp.output_dir={out}", f"--search.engine={engine}", f"--search.index={out}/index/{engine}",
-                     f"--search.output={runs[engine]}", "--search.topk=20"])
+                     f"--search.output={runs[engine]}", f"--search.topk={n_docs}",
+                     f"--search.seismic_query_cut={meta['vocab_size']}"])
     truth = top10(runs["exact"])
     assert len(truth) == 48
-    for engine in ENGINES[1:]:
-        got = top10(runs[engine])
-        recall = np.mean([len(set(got.get(q, [])) & set(docs)) / len(docs) for q, docs in truth.items()])
-        assert recall >= (0.98 if engine == "seismic" else 1.0), engine
-        if engine != "seismic":  # exact engines: the same ranking
-            assert got == truth, engine
+    for engine in ("qdrant-edge", "milvus"):  # exact engines: the same ranking
+        assert top10(runs[engine]) == truth, engine
+    exact = {qid: dict(hits) for qid, hits in ranked(runs["exact"]).items()}
+    seismic, checked = ranked(runs["seismic"]), 0
+    for qid, best in truth.items():
+        for docid, score in seismic[qid]:  # every score it returns is the document's, up to half precision
+            assert abs(score - exact[qid][docid]) <= SEISMIC_REL * exact[qid][docid] + SEISMIC_ABS, (qid, docid)
+        # A document of the exact top 10 can drop out of Seismic's only for one that scores, within those bounds,
+        # as high: so every one clearly above the 11th exact score must be in Seismic's top 10.
+        scores = sorted(exact[qid].values(), reverse=True)
+        eleventh = scores[10] if len(scores) > 10 else 0.0
+        clear = (eleventh + SEISMIC_ABS) * (1 + SEISMIC_REL) / (1 - SEISMIC_REL) + SEISMIC_ABS
+        must = {docid for docid in best if exact[qid][docid] > clear}
+        assert must <= {docid for docid, _ in seismic[qid][:10]}, qid
+        checked += len(must)
+    assert checked >= 0.9 * 10 * len(truth)  # near-ties at the 10th place are rare: the check is not empty
     evaluate.main(["--qrels", f"{root}/data/qrels.tsv", "--out", str(out / "eval"),
                    "--run", *[str(runs[e]) for e in ENGINES]])
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
@@ -150,15 +177,18 @@ def test_writer_processes_write_the_same_lines(trained, tmp_path):
     """encode.num_writers: the vectors dumped in 2 worker processes, over 5 shards, are the lines of the one shard
     written in this process, in the same order."""
     root, out = trained
-    dest = tmp_path / "writers"
-    encode.main([f"--exp.output_dir={out}", f"--encode.input={root}/data/corpus.jsonl", "--encode.kind=doc",
-                 f"--encode.output={dest}", "--encode.num_writers=2", "--encode.shard_size=10"])
+    dest, here = tmp_path / "writers", tmp_path / "here"
+    # the same shards in both runs: batches are cut within a shard, and other batch shapes round differently
+    # (in the last digits, which the JSON keeps) on some CPUs
+    for folder, writers in ((dest, 2), (here, 0)):
+        encode.main([f"--exp.output_dir={out}", f"--encode.input={root}/data/corpus.jsonl", "--encode.kind=doc",
+                     f"--encode.output={folder}", f"--encode.num_writers={writers}", "--encode.shard_size=10"])
 
     def lines(folder):
         return [line for shard in sorted(folder.glob("part-*.jsonl.gz")) for line in gzip.open(shard, "rt")]
 
     assert len(list(dest.glob("part-*.jsonl.gz"))) == 5
-    assert lines(dest) == lines(out / "encode" / "corpus") and len(lines(dest)) == 48
+    assert lines(dest) == lines(here) and len(lines(dest)) == 48
 
 
 def test_bad_input(trained, tmp_path):

@@ -31,10 +31,13 @@ def tiny(tmp_path_factory):
 
 
 def argv(tiny, out: Path, yaml: str, arch: str, *overrides: str) -> list[str]:
+    """train.py's arguments, in float32 on every CPU (the losses and weights compared here are float32's; an
+    override can still change it)."""
     data = tiny["data"]
     return ["--cfg", str(TINY_YAMLS / yaml), f"--model.name_or_path={tiny[arch]}",
             f"--data.train_file={data / 'train.jsonl'}", f"--data.corpus={data / 'corpus.jsonl'}",
-            f"--data.queries={data / 'queries.jsonl'}", f"--exp.output_dir={out}", *overrides]
+            f"--data.queries={data / 'queries.jsonl'}", f"--exp.output_dir={out}", "--model.dtype=float32",
+            '--train.mixed_precision="no"', *overrides]
 
 
 def logged(out: Path, key: str = "loss") -> list[float]:

@@ -54,11 +54,31 @@ def test_auto_precision_follows_the_hardware(monkeypatch, caplog, native):
 def test_native_bf16_reads_the_cpu_probes(monkeypatch):
     from lsr_core.utils import native_bf16
 
+    monkeypatch.delenv("LSR_NATIVE_BF16", raising=False)  # make test sets it for the precision run: not here
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     for avx512_bf16, amx, expected in ((False, False, False), (True, False, True), (False, True, True)):
         monkeypatch.setattr("torch.cpu._is_avx512_bf16_supported", lambda v=avx512_bf16: v)
         monkeypatch.setattr("torch.cpu._is_amx_tile_supported", lambda v=amx: v)
         assert native_bf16() is expected
+
+
+@pytest.mark.parametrize("forced, expected", [("1", ("bfloat16", "bf16")), ("0", ("float32", "no"))])
+def test_env_switch_forces_the_auto_resolution(monkeypatch, forced, expected):
+    """LSR_NATIVE_BF16 decides `auto` whatever the CPU says (make test runs the precision tests both ways)."""
+    from lsr_core.utils import native_bf16
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):  # the hardware says the opposite
+        monkeypatch.setattr(f"torch.cpu.{probe}", lambda: forced == "0")
+    monkeypatch.setenv("LSR_NATIVE_BF16", forced)
+    assert native_bf16() is (forced == "1")
+    cfg = load_config(["--model.dtype=auto", "--train.mixed_precision=auto"])
+    assert (cfg.model.dtype, cfg.train.mixed_precision) == expected
+    monkeypatch.setenv("LSR_NATIVE_BF16", "")  # empty = unset: the hardware decides again
+    assert native_bf16() is (forced == "0")
+    monkeypatch.setenv("LSR_NATIVE_BF16", "yes")
+    with pytest.raises(ConfigError, match=r"^LSR_NATIVE_BF16 must be 0 or 1 \(or unset\), got 'yes'$"):
+        load_config(["--model.dtype=auto"])
 
 
 @pytest.mark.parametrize("path", sorted((YAMLS / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
