@@ -252,12 +252,12 @@ def reference_words(text: str) -> str:
     return " ".join(w for w in treebank_words(text.lower()) if w not in NLTK_ENGLISH_STOPWORDS)
 
 
-def reference_text_ids(tokenizer, prefix: str, text: str) -> list[int]:
-    """The reference's in-text ids: tokenize (special tokens added) the words of prompt prefix + text, then drop as
-    many leading ids as the prefix's words alone give. Where the tokenizer appends its special tokens (T5's </s>,
-    BERT's [SEP]) this drops the text's first id and keeps the appended one, as the reference does."""
-    full = tokenizer(reference_words(prefix + text))["input_ids"]
-    return full[len(tokenizer(reference_words(prefix))["input_ids"]):]
+def reference_text_ids(tokenizer, prefix: str, texts: list[str]) -> list[list[int]]:
+    """The reference's in-text ids of each text: tokenize (special tokens added) the words of prompt prefix + text,
+    then drop as many leading ids as the prefix's words alone give. Where the tokenizer appends its special tokens
+    (T5's </s>, BERT's [SEP]) this drops the text's first id and keeps the appended one, as the reference does."""
+    skip = len(tokenizer(reference_words(prefix))["input_ids"])
+    return [ids[skip:] for ids in tokenizer([reference_words(prefix + t) for t in texts])["input_ids"]]
 
 
 def multi_token_reps(model, kind: str, batch: dict) -> torch.Tensor:
@@ -354,7 +354,8 @@ def main(argv=None) -> Path:
     vocab = id_to_token_list(tokenizer)
     multi = zs.method == "multi_token"
     if multi and zs.emit_dense:
-        raise ConfigError("'zeroshot.emit_dense' needs 'zeroshot.method: next_token' (multi_token has no answer position)")
+        raise ConfigError("'zeroshot.emit_dense' needs 'zeroshot.method: next_token' (multi_token reads no answer "
+                          "position)")
     text_vocab = TextVocabulary(tokenizer) if zs.in_text_only and not multi else None
 
     per_shard = enc.shard_size or math.ceil(len(ids) / accelerator.num_processes)
@@ -384,9 +385,9 @@ def main(argv=None) -> Path:
             if multi:
                 raw = [shard_texts[i] for i in positions]
                 reps = multi_token_batch(model, kind, tokenizer, template, raw, zs, accelerator.device)
-                prefix = template[:template.index("{text}")]
-                for pos, text, rep in zip(positions, raw, reps):
-                    text_ids = reference_text_ids(tokenizer, prefix, text) if zs.in_text_only else []
+                in_text = reference_text_ids(tokenizer, template[:template.index("{text}")], raw) \
+                    if zs.in_text_only else [[] for _ in raw]
+                for pos, text_ids, rep in zip(positions, in_text, reps):
                     vectors[pos], fell_back = reference_vector(rep, text_ids, topk, enc.quant_scale, vocab)
                     fallbacks += fell_back
                 progress.update(len(positions))
@@ -420,8 +421,9 @@ def main(argv=None) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         cfg.encode.topk = topk  # meta.json records the top-k actually applied
+        counted = text_vocab is not None or multi
         finish(cfg, out, ids, n_shards, is_query, len(vocab), todo, elapsed, hash_sections=("model", "zeroshot"),
-               label="zero-shot encoded", note=f", in_text_only fallbacks {fallbacks if text_vocab or multi else 'n/a'}")
+               label="zero-shot encoded", note=f", in_text_only fallbacks {fallbacks if counted else 'n/a'}")
     return out
 
 

@@ -276,12 +276,12 @@ def test_reference_text_ids_drop_the_prompt_as_the_reference_does(tiny):
     """Words of prefix + text minus as many ids as the prefix alone gives: exact where the tokenizer prepends its
     special token (decoders), shifted by one where it appends one (T5's </s>, BERT's [SEP])."""
     text = "The star and the planet"
-    ids = {arch: zsp.reference_text_ids(load_tokenizer(str(tiny[arch])), "Query: ", text)
+    ids = {arch: zsp.reference_text_ids(load_tokenizer(str(tiny[arch])), "Query: ", [text, "goal"])
            for arch in ("llama", "t5", "bert")}
     tok = {arch: load_tokenizer(str(tiny[arch])) for arch in ids}
-    assert tok["llama"].convert_ids_to_tokens(ids["llama"]) == ["star", "planet"]
-    assert tok["t5"].convert_ids_to_tokens(ids["t5"]) == ["planet", "</s>"]
-    assert tok["bert"].convert_ids_to_tokens(ids["bert"]) == ["planet", "[SEP]"]
+    assert [tok["llama"].convert_ids_to_tokens(i) for i in ids["llama"]] == [["star", "planet"], ["goal"]]
+    assert [tok["t5"].convert_ids_to_tokens(i) for i in ids["t5"]] == [["planet", "</s>"], ["</s>"]]
+    assert [tok["bert"].convert_ids_to_tokens(i) for i in ids["bert"]] == [["planet", "[SEP]"], ["[SEP]"]]
 
 
 def test_reference_vector_in_text_terms_and_topk_fallback():
@@ -303,7 +303,7 @@ def test_main_multi_token_equals_its_parts(tiny, tmp_path):
     reps = reference_reps(model, kind, tok, texts)
     vocab = [tok.convert_ids_to_tokens(i) for i in range(len(tok))]
     for i, text in enumerate(texts):
-        in_text = set(tok.convert_ids_to_tokens(zsp.reference_text_ids(tok, REF_DOC_PROMPT, text)))
+        in_text = set(tok.convert_ids_to_tokens(zsp.reference_text_ids(tok, REF_DOC_PROMPT, [text])[0]))
         expected = {t: int(float(reps[i, tok.convert_tokens_to_ids(t)]) * 100) for t in in_text}
         expected = {t: w for t, w in expected.items() if w}
         if not expected:  # only stopwords: the reference's top-k fallback
