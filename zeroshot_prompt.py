@@ -17,6 +17,22 @@ Vector: log1p(relu(next-token logits)), max over `zeroshot.steps` greedy steps (
                   leaves no positive weight (e.g. only stopwords) falls back to the whole vocabulary;
   top-k: `zeroshot.query_topk` / `doc_topk` (0 = all), `encode.threshold`, quantisation `encode.quant_scale` — the
   same `prune`/`to_vector` as encode.py.
+`zeroshot.method: multi_token` — the reference's RQ1 method (JingfenQiao/Decoder4LSR lsr/inference_zeroshot.py with
+  the model classes of its zero-shot experiments), used by yamls/rq1:
+  input     template with {text} (the whole text; the reference's prompt is "<s>[INST] ... Query: " + text), the
+            tokenizer's special tokens added, right-padded, cut at `zeroshot.max_length` tokens in all;
+  logits    at every position: decoders and encoders read the input itself (mask = attention x not-special-token,
+            lsr/models/mlm_de_multi_opt.py, mlm.py); encoder-decoders teacher-force the input shifted right through the
+            decoder (mask = the attention mask shifted right, its first column 0: lsr/models/mlm_en_de_multi.py);
+  pooling   rep[v] = max over kept positions of log1p(relu(logits[v])) (lsr_core.modeling.sparse_mlm_pool), cut to
+            the tokenizer's vocabulary;
+  terms     `reference_text_ids`: vocabulary ids of the text's NLTK-tokenized, lower-cased words without NLTK's
+            English stopwords, each with weight int(rep * encode.quant_scale) (truncated, as the reference's
+            `.to(torch.int)`; floats rounded to 5 decimals when quant_scale is 0); no top-k and no threshold on them;
+  fallback  a text whose in-text weights are all 0 (or that has no in-text ids) keeps the `query_topk`/`doc_topk`
+            largest weights of the whole vocabulary instead (zeros dropped); with `in_text_only: false` every
+            text takes that top-k (the reference has no such mode);
+  `use_chat_template`, `answer_prefix`, `steps`, model.max_query_len/max_doc_len and `emit_dense` are not used.
 Output: exactly encode.py's (default `<output_dir>/encode/corpus` or `.../queries`): `part-NNNNN.jsonl.gz` shards of
 {"id", "vector": {token: weight}}, `meta.json` (the same keys; config_hash covers the model and zeroshot sections),
 `config.yaml`. With `zeroshot.emit_dense`, each shard also gets `dense-part-NNNNN.npy` (float32 [n, hidden]: the
@@ -41,9 +57,9 @@ from tqdm.auto import tqdm
 
 from encode import finish, read_input
 from lsr_core.config import ConfigError, load_config
-from lsr_core.modeling import ModelLoadError, load_backbone, load_tokenizer
+from lsr_core.modeling import ModelLoadError, load_backbone, load_tokenizer, sparse_mlm_pool
 from lsr_core.sparse import ShardWriter, id_to_token_list, prune, shard_name, to_vector
-from lsr_core.stopwords import ENGLISH_STOPWORDS
+from lsr_core.stopwords import ENGLISH_STOPWORDS, NLTK_ENGLISH_STOPWORDS
 from lsr_core.utils import InputError, atomic_open, atomic_write_json, accelerator_kwargs, run_script
 
 logger = get_logger(__name__)
@@ -217,6 +233,91 @@ def keep_text_terms(reps: torch.Tensor, allowed: list[set[int]]) -> tuple[torch.
     return torch.where(empty[:, None], reps, kept), int(empty.sum())
 
 
+# ------------------------------------------------------------------------------- multi_token (the reference's RQ1)
+
+TREEBANK_WORD = re.compile(r"``|''|\.\.\.|--|n't|'(?:s|re|ve|ll|d|m)\b|\w+(?:[.,]\w+)*|[^\w\s]")
+
+
+def treebank_words(text: str) -> list[str]:
+    """NLTK's `word_tokenize` (Treebank rules), approximated without nltk: an opening double quote becomes ``, a
+    closing one '', contractions split before n't 's 're 've 'll 'd 'm, numbers keep their inner . and , and every
+    other punctuation mark is a word of its own. (NLTK differs on rare forms, e.g. it keeps "u.s." whole.)"""
+    text = re.sub(r'(^|[\s(\[{<])"', r"\1 `` ", text).replace('"', " '' ")
+    text = re.sub(r"(\w)(n't|'(?:s|re|ve|ll|d|m))\b", r"\1 \2", text, flags=re.IGNORECASE)
+    return TREEBANK_WORD.findall(text)
+
+
+def reference_words(text: str) -> str:
+    """The lower-cased text's Treebank words without NLTK's English stopwords, joined by spaces."""
+    return " ".join(w for w in treebank_words(text.lower()) if w not in NLTK_ENGLISH_STOPWORDS)
+
+
+def reference_text_ids(tokenizer, prefix: str, texts: list[str]) -> list[list[int]]:
+    """The reference's in-text ids of each text: tokenize (special tokens added) the words of prompt prefix + text,
+    then drop as many leading ids as the prefix's words alone give. Where the tokenizer appends its special tokens
+    (T5's </s>, BERT's [SEP]) this drops the text's first id and keeps the appended one, as the reference does."""
+    skip = len(tokenizer(reference_words(prefix))["input_ids"])
+    return [ids[skip:] for ids in tokenizer([reference_words(prefix + t) for t in texts])["input_ids"]]
+
+
+def multi_token_reps(model, kind: str, batch: dict) -> torch.Tensor:
+    """One right-padded batch (input_ids, attention_mask, special_tokens_mask [B, L]) -> reps [B, V] float32:
+    max over the kept positions of log1p(relu(vocabulary logits)), the kept positions as the reference masks them."""
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    if kind == "encoder_decoder":
+        # the decoder reads the input shifted right (teacher forcing); the reference masks with the attention mask
+        # shifted the same way, whose first column is T5's start id 0, so the start step is never pooled
+        start = torch.full_like(ids[:, :1], model.config.decoder_start_token_id)
+        inputs = {"input_ids": ids, "attention_mask": attn, "decoder_input_ids": torch.cat([start, ids[:, :-1]], 1)}
+        mask = torch.cat([torch.zeros_like(attn[:, :1]), attn[:, :-1]], 1)
+    else:
+        inputs = {"input_ids": ids, "attention_mask": attn}
+        mask = attn * (1 - batch["special_tokens_mask"])
+    projection = model.get_output_embeddings()
+    captured = {}
+
+    def capture(module, args):  # keep the projection's input; project one position only (no [B, L, V] tensor)
+        captured["feats"] = args[0]
+        return (args[0][:, :1],) + tuple(args[1:])
+
+    handle = projection.register_forward_pre_hook(capture)
+    try:
+        model(**inputs, **({"use_cache": False} if _accepts(model, "use_cache") else {}))
+    finally:
+        handle.remove()
+    return sparse_mlm_pool(captured["feats"], projection.weight, projection.bias, mask)
+
+
+def reference_vector(rep: torch.Tensor, text_ids: list[int], topk: int, scale: float,
+                     vocab: list[str]) -> tuple[dict, bool]:
+    """rep [V] -> ({token: weight}, whether it fell back to the top-k): the in-text ids' weights, or, when they are
+    all 0, the `topk` (0 = all) largest weights of the vocabulary. Weights: int(w * scale) when scale > 0."""
+    rep = rep[:len(vocab)].float()
+    weights = (rep * scale).int() if scale > 0 else rep
+
+    def as_vector(token_ids: torch.Tensor) -> dict:
+        values = weights[token_ids].tolist()
+        values = values if scale > 0 else [round(v, 5) for v in values]
+        return {vocab[t]: v for t, v in zip(token_ids.tolist(), values) if v}
+
+    in_text = as_vector(torch.tensor([t for t in text_ids if 0 <= t < len(vocab)], dtype=torch.long))
+    if in_text:
+        return in_text, False
+    k = min(topk or len(vocab), len(vocab))
+    return as_vector(rep.topk(k).indices), True
+
+
+def multi_token_batch(model, kind: str, tokenizer, template: str, batch_texts: list[str], zs, device) -> torch.Tensor:
+    """Texts -> reps [B, V]: the template filled with each whole text, tokenized as the reference does."""
+    prompts = [template.replace("{text}", t) for t in batch_texts]
+    tokenizer.padding_side = "right"  # every real position keeps the position id it has unpadded
+    batch = tokenizer(prompts, padding=True, truncation=True, max_length=zs.max_length,
+                      return_special_tokens_mask=True, return_tensors="pt")
+    batch = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "special_tokens_mask")}
+    with torch.inference_mode():
+        return multi_token_reps(model, kind, batch)
+
+
 # ------------------------------------------------------------------------------------------------------------ main
 
 def dense_name(shard: int) -> str:
@@ -251,7 +352,11 @@ def main(argv=None) -> Path:
         raise ConfigError(f"'zeroshot.steps' must be 1 for an encoder (MLM) model, got {zs.steps}")
     load_seconds = time.time() - started
     vocab = id_to_token_list(tokenizer)
-    text_vocab = TextVocabulary(tokenizer) if zs.in_text_only else None
+    multi = zs.method == "multi_token"
+    if multi and zs.emit_dense:
+        raise ConfigError("'zeroshot.emit_dense' needs 'zeroshot.method: next_token' (multi_token reads no answer "
+                          "position)")
+    text_vocab = TextVocabulary(tokenizer) if zs.in_text_only and not multi else None
 
     per_shard = enc.shard_size or math.ceil(len(ids) / accelerator.num_processes)
     n_shards = math.ceil(len(ids) / per_shard)
@@ -277,6 +382,16 @@ def main(argv=None) -> Path:
         order = sorted(range(len(shard_texts)), key=lambda i: len(shard_texts[i]))  # less padding per batch
         for start in range(0, len(order), enc.batch_size):
             positions = order[start:start + enc.batch_size]
+            if multi:
+                raw = [shard_texts[i] for i in positions]
+                reps = multi_token_batch(model, kind, tokenizer, template, raw, zs, accelerator.device)
+                in_text = reference_text_ids(tokenizer, template[:template.index("{text}")], raw) \
+                    if zs.in_text_only else [[] for _ in raw]
+                for pos, text_ids, rep in zip(positions, in_text, reps):
+                    vectors[pos], fell_back = reference_vector(rep, text_ids, topk, enc.quant_scale, vocab)
+                    fallbacks += fell_back
+                progress.update(len(positions))
+                continue
             batch_texts = truncate_texts(tokenizer, [shard_texts[i] for i in positions], max_len)
             prompts = [build_prompt(tokenizer, kind, template, t, zs) for t in batch_texts]
             batch = tokenize_prompts(tokenizer, kind, [p for p, _ in prompts], prompts[0][1])
@@ -306,8 +421,9 @@ def main(argv=None) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         cfg.encode.topk = topk  # meta.json records the top-k actually applied
+        counted = text_vocab is not None or multi
         finish(cfg, out, ids, n_shards, is_query, len(vocab), todo, elapsed, hash_sections=("model", "zeroshot"),
-               label="zero-shot encoded", note=f", in_text_only fallbacks {fallbacks if text_vocab else 'n/a'}")
+               label="zero-shot encoded", note=f", in_text_only fallbacks {fallbacks if counted else 'n/a'}")
     return out
 
 

@@ -196,6 +196,10 @@ class ZeroShotConfig:
     query_topk: int = 1000
     doc_topk: int = 128
     emit_dense: bool = False
+    # next_token: log1p(relu) of the logits at the answer position (ours); multi_token: the reference's RQ1 method,
+    # log1p(relu) of the logits at every position of prompt + text, max-pooled (zeroshot_prompt.py's docstring)
+    method: str = "next_token"
+    max_length: int = 250  # multi_token: tokens of the whole prompt + text, special tokens included
 
 
 @dataclass
@@ -240,6 +244,7 @@ CHOICES = {
     "train.mixed_precision": ["no", "bf16", "fp16", "auto"],
     "train.tracker": ["none", "tensorboard", "wandb"],
     "encode.kind": ["doc", "query"],
+    "zeroshot.method": ["next_token", "multi_token"],
     "index.engine": ["exact", "qdrant-edge", "seismic", "milvus"],
     "search.engine": ["", "exact", "qdrant-edge", "seismic", "milvus"],
     "index.milvus_algo": ["TAAT_NAIVE", "DAAT_MAXSCORE", "DAAT_WAND"],
@@ -247,7 +252,7 @@ CHOICES = {
 POSITIVE = {"model.max_query_len", "model.max_doc_len", "train.batch_size", "train.grad_accum", "train.max_steps",
             "encode.batch_size", "search.topk", "search.threads",
             "index.seismic_n_postings", "index.seismic_centroid_fraction", "index.seismic_summary_energy",
-            "search.seismic_query_cut", "search.seismic_heap_factor", "zeroshot.steps", "data.n_negatives"}
+            "search.seismic_query_cut", "search.seismic_heap_factor", "zeroshot.steps", "zeroshot.max_length", "data.n_negatives"}
 NON_NEGATIVE = {"train.lr", "train.weight_decay", "train.warmup_steps", "train.q_reg_weight", "train.d_reg_weight",
                 "train.reg_warmup_steps", "train.save_every", "encode.topk", "encode.quant_scale", "encode.max_length", "encode.num_workers",
                 "zeroshot.query_topk", "zeroshot.doc_topk", "model.head_chunk", "train.stop_after",

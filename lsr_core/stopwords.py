@@ -1,9 +1,11 @@
-"""A shipped English stopword list (no download): NLTK's 179-word English list plus contraction fragments and a few
-very common function words. Used by zeroshot_prompt.py's `in_text_only` filter. Lower-case; compare `word.lower()`.
+"""Shipped English stopword lists (no download). `NLTK_ENGLISH_STOPWORDS`: NLTK's 179-word English list, as the
+reference's zero-shot RQ1 filter uses it (zeroshot_prompt.py, `zeroshot.method: multi_token`). `ENGLISH_STOPWORDS`:
+that list plus a few very common function words, for our next-token method's `in_text_only` filter. Lower-case;
+compare `word.lower()`.
 """
 from __future__ import annotations
 
-ENGLISH_STOPWORDS = frozenset("""
+NLTK_ENGLISH_STOPWORDS = frozenset("""
 a about above after again against ain all am an and any are aren aren't as at
 be because been before being below between both but by
 can couldn couldn't
@@ -24,6 +26,9 @@ under until up
 ve very
 was wasn wasn't we were weren weren't what when where which while who whom why will with won won't wouldn wouldn't
 y you you'd you'll you're you've your yours yourself yourselves
+""".split())
+
+ENGLISH_STOPWORDS = NLTK_ENGLISH_STOPWORDS | frozenset("""
 also although among could else ever however may might must per shall since thus upon us whether would yet
 """.split())
 

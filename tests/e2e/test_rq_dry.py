@@ -80,7 +80,7 @@ def test_dry_run(fixture, tmp_path, path):
     cfg = load_config(["--cfg", str(path)])
     data = fixture / "data"
     argv = ["--cfg", str(path), f"--exp.output_dir={tmp_path / 'run'}",
-            f"--model.name_or_path={fixture / 'models' / tiny_arch(cfg.model.name_or_path)}",
+            f"--model.name_or_path={fixture / 'models' / tiny_arch(cfg.model.name_or_path)}", "--model.gguf_file=",
             "--model.max_query_len=16", "--model.max_doc_len=48", "--model.dtype=float32",
             "--model.quantization=none", "--model.compile=none"]
     if path.parent.name == "rq1":

