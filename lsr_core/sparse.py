@@ -10,9 +10,14 @@ A shard is complete once its file exists (written atomically); a `.tmp` is never
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import math
 import multiprocessing
+import multiprocessing.connection
+import os
+import tempfile
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Iterator
@@ -80,47 +85,56 @@ def vector_rows(pruned: list, vocab: list[str], scale: float = 0.0) -> list[tupl
     return rows
 
 
-_WORKER_SETUP = None  # in a VectorWriters process: the queue its (vocab, scale) comes through
-_WORKER_ARGS: tuple = ()  # in a VectorWriters process: (vocab, scale), once taken from that queue
+_WORKER_ARGS: dict = {}  # in a VectorWriters process: {settings file: (vocab, scale)}, read with its first batch
 
 
-def _start_worker(setup) -> None:
-    global _WORKER_SETUP
-    _WORKER_SETUP = setup
+def _start_worker() -> None:
+    """A VectorWriters process exits when its parent does, however the parent ends (SIGKILL included): the pool's
+    own pipes stay open in every worker, so a worker would otherwise wait for jobs forever."""
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent.sentinel,), daemon=True).start()
+
+
+def _exit_with(sentinel) -> None:
+    multiprocessing.connection.wait([sentinel])  # readable once the parent is gone
+    os._exit(1)
 
 
 def _worker_ready() -> None:
     """A no-op job: submitting one per process makes the pool start them all at once."""
 
 
-def _worker_rows(pruned: list) -> list[tuple[str, int]]:
-    global _WORKER_ARGS
-    if not _WORKER_ARGS:  # this process's first batch: one (vocab, scale) per process is queued by start()
-        _WORKER_ARGS = _WORKER_SETUP.get()
-    return vector_rows(pruned, *_WORKER_ARGS)
+def _worker_rows(settings: str, pruned: list) -> list[tuple[str, int]]:
+    if settings not in _WORKER_ARGS:  # this process's first batch since start(): read the vocabulary once
+        data = json.loads(Path(settings).read_text(encoding="utf-8"))
+        _WORKER_ARGS.clear()
+        _WORKER_ARGS[settings] = (data["vocab"], data["scale"])
+    return vector_rows(pruned, *_WORKER_ARGS[settings])
 
 
 class VectorWriters:
     """`vector_rows` for each submitted batch, in `processes` worker processes while the caller goes on (encode.py:
     the model runs the next batches), or at submission in this process when `processes` is 0. Results come back in
     submission order, paired with the caller's key; at most 2 x `processes` batches wait, so memory stays flat. A
-    worker's error is raised where its batch's result is taken. Use as a context manager.
+    worker's error is raised where its batch's result is taken. Use as a context manager; the processes also exit
+    when this process dies.
 
     The processes start when the object is made; the vocabulary, which comes with the model, follows in `start()`
     (given at once with `vocab`). Starting a process takes seconds (it imports torch), which the caller spends
-    loading its model."""
+    loading its model. `start()` writes the vocabulary to a temporary JSON file whose name goes with every batch:
+    a worker reads it with its first one, and nothing waits for a worker to be ready."""
 
     def __init__(self, processes: int = 0, vocab: list[str] | None = None, scale: float = 0.0):
         self.processes, self.limit = processes, 2 * processes
         self.vocab, self.scale = None, 0.0
+        self.settings: Path | None = None
         self.pending = collections.deque()
         self.pool = None
         if processes:
             # spawn: forking a process that holds CUDA state or torch's threads is unsafe
-            context = multiprocessing.get_context("spawn")
-            self.setup = context.SimpleQueue()
-            self.pool = ProcessPoolExecutor(processes, mp_context=context, initializer=_start_worker,
-                                            initargs=(self.setup,))
+            self.pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_start_worker)
             for _ in range(processes):  # the pool starts a process per job it cannot hand to an idle one
                 self.pool.submit(_worker_ready)
         if vocab is not None:
@@ -128,15 +142,22 @@ class VectorWriters:
 
     def start(self, vocab: list[str], scale: float = 0.0) -> None:
         """The vocabulary (token id -> string) and quantisation scale for every batch from now on."""
+        if self.pending:
+            raise RuntimeError("VectorWriters.start with batches in flight: drain() them first")
         self.vocab, self.scale = vocab, scale
-        for _ in range(self.processes):
-            self.setup.put((vocab, scale))
+        if self.pool:
+            self._remove_settings()
+            handle, name = tempfile.mkstemp(prefix="lsr-writers-", suffix=".json")
+            with os.fdopen(handle, "w", encoding="utf-8") as out:
+                json.dump({"vocab": vocab, "scale": scale}, out, ensure_ascii=False)
+            self.settings = Path(name)
 
     def submit(self, key, pruned: list) -> list[tuple]:
         """Queue one batch; returns the (key, rows) pairs finished and no longer waiting, oldest first."""
         if self.vocab is None:
             raise RuntimeError("VectorWriters.submit before start(vocab)")
-        job = self.pool.submit(_worker_rows, pruned) if self.pool else vector_rows(pruned, self.vocab, self.scale)
+        job = self.pool.submit(_worker_rows, str(self.settings), pruned) if self.pool else \
+            vector_rows(pruned, self.vocab, self.scale)
         self.pending.append((key, job))
         return [self._take() for _ in range(len(self.pending) - self.limit)]
 
@@ -148,12 +169,18 @@ class VectorWriters:
         key, job = self.pending.popleft()
         return key, job.result() if self.pool else job
 
+    def _remove_settings(self) -> None:
+        if self.settings is not None:
+            self.settings.unlink(missing_ok=True)
+            self.settings = None
+
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         if self.pool:
             self.pool.shutdown(cancel_futures=True)
+        self._remove_settings()
 
 
 def id_to_token_list(tokenizer) -> list[str]:
@@ -170,6 +197,12 @@ def id_to_token_list(tokenizer) -> list[str]:
         else:
             seen[tok] = i
     return tokens
+
+
+def vocab_hash(vocab: list[str]) -> str:
+    """First 16 hex digits of sha256 over the vocabulary (`id_to_token_list`) joined by newlines: recorded in
+    meta.json, so that vectors over different vocabularies are never matched against each other."""
+    return hashlib.sha256("\n".join(vocab).encode("utf-8")).hexdigest()[:16]
 
 
 class ShardWriter:
