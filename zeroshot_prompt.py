@@ -307,7 +307,8 @@ def main(argv=None) -> Path:
     if accelerator.is_main_process:
         cfg.encode.topk = topk  # meta.json records the top-k actually applied
         finish(cfg, out, ids, n_shards, is_query, len(vocab), todo, elapsed, hash_sections=("model", "zeroshot"),
-               label="zero-shot encoded", note=f", in_text_only fallbacks {fallbacks if text_vocab else 'n/a'}")
+               label="zero-shot encoded", note=f", in_text_only fallbacks {fallbacks if text_vocab else 'n/a'}",
+               vocab=vocab)
     return out
 
 
