@@ -202,11 +202,12 @@ def test_encode_model_and_another_model_on_the_command_line_conflict(tiny, tmp_p
 
 # ------------------------------------------------------------------------------------------ truncation (point 9)
 
-@pytest.mark.parametrize("arch,extra", [("bert", []), ("bert", ["--model.packed=true"]),
+@pytest.mark.parametrize("arch,extra", [("bert", []), ("bert", ["--model.packed=true", "--encode.num_workers=2"]),
                                         ("llama", ["--model.echo=true"])])
 def test_texts_cut_at_the_max_length_are_counted(tiny, tmp_path, caplog, capsys, arch, extra):
     """Word-level tokenizers: a text is 1 token a word plus [CLS] [SEP] (BERT) or <s> (Llama); cut when that is
-    more than encode.max_length. Counted in meta.json, the summary line and a warning, across a resume too."""
+    more than encode.max_length. Counted (padded, packed in tokenizer workers, echoed) in meta.json, the summary line
+    and a warning, across a resume too."""
     model = tiny["bert"] if arch == "bert" else make_model(tmp_path / "llama", "llama", tiny["words"])
     specials = 2 if arch == "bert" else 1
     words = tiny["words"][5:]
