@@ -16,7 +16,6 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import os
-import tempfile
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -85,7 +84,7 @@ def vector_rows(pruned: list, vocab: list[str], scale: float = 0.0) -> list[tupl
     return rows
 
 
-_WORKER_ARGS: dict = {}  # in a VectorWriters process: {settings file: (vocab, scale)}, read with its first batch
+_WORKER_ARGS: list = [0, None]  # in a VectorWriters process: [generation, (vocab, scale)], from its first batch
 
 
 def _start_worker() -> None:
@@ -105,12 +104,14 @@ def _worker_ready() -> None:
     """A no-op job: submitting one per process makes the pool start them all at once."""
 
 
-def _worker_rows(settings: str, pruned: list) -> list[tuple[str, int]]:
-    if settings not in _WORKER_ARGS:  # this process's first batch since start(): read the vocabulary once
-        data = json.loads(Path(settings).read_text(encoding="utf-8"))
-        _WORKER_ARGS.clear()
-        _WORKER_ARGS[settings] = (data["vocab"], data["scale"])
-    return vector_rows(pruned, *_WORKER_ARGS[settings])
+def _worker_rows(generation: int, setup: bytes | None, pruned: list) -> tuple[int, list[tuple[str, int]]]:
+    """(this process's id, `vector_rows` of the batch); `setup` (JSON [vocab, scale]) comes with the batches of a
+    `generation` until every process has confirmed it."""
+    if setup is not None and _WORKER_ARGS[0] != generation:
+        _WORKER_ARGS[:] = [generation, json.loads(setup)]
+    if _WORKER_ARGS[0] != generation:
+        raise RuntimeError("a VectorWriters process got a batch before the vocabulary")
+    return os.getpid(), vector_rows(pruned, *_WORKER_ARGS[1])
 
 
 class VectorWriters:
@@ -122,13 +123,13 @@ class VectorWriters:
 
     The processes start when the object is made; the vocabulary, which comes with the model, follows in `start()`
     (given at once with `vocab`). Starting a process takes seconds (it imports torch), which the caller spends
-    loading its model. `start()` writes the vocabulary to a temporary JSON file whose name goes with every batch:
-    a worker reads it with its first one, and nothing waits for a worker to be ready."""
+    loading its model. The vocabulary travels with the batches, until each process has returned one: nothing waits
+    for a process to be ready to take it (a pipe holds ~64 KB, a vocabulary's JSON 0.3-2 MB)."""
 
     def __init__(self, processes: int = 0, vocab: list[str] | None = None, scale: float = 0.0):
         self.processes, self.limit = processes, 2 * processes
         self.vocab, self.scale = None, 0.0
-        self.settings: Path | None = None
+        self.generation, self.setup, self.ready = 0, b"", set()  # ready: processes holding this generation's vocab
         self.pending = collections.deque()
         self.pool = None
         if processes:
@@ -146,18 +147,18 @@ class VectorWriters:
             raise RuntimeError("VectorWriters.start with batches in flight: drain() them first")
         self.vocab, self.scale = vocab, scale
         if self.pool:
-            self._remove_settings()
-            handle, name = tempfile.mkstemp(prefix="lsr-writers-", suffix=".json")
-            with os.fdopen(handle, "w", encoding="utf-8") as out:
-                json.dump({"vocab": vocab, "scale": scale}, out, ensure_ascii=False)
-            self.settings = Path(name)
+            self.generation, self.ready = self.generation + 1, set()
+            self.setup = json.dumps([vocab, scale]).encode("ascii")  # serialised once, not per batch
 
     def submit(self, key, pruned: list) -> list[tuple]:
         """Queue one batch; returns the (key, rows) pairs finished and no longer waiting, oldest first."""
         if self.vocab is None:
             raise RuntimeError("VectorWriters.submit before start(vocab)")
-        job = self.pool.submit(_worker_rows, str(self.settings), pruned) if self.pool else \
-            vector_rows(pruned, self.vocab, self.scale)
+        if self.pool:
+            setup = self.setup if len(self.ready) < self.processes else None
+            job = self.pool.submit(_worker_rows, self.generation, setup, pruned)
+        else:
+            job = vector_rows(pruned, self.vocab, self.scale)
         self.pending.append((key, job))
         return [self._take() for _ in range(len(self.pending) - self.limit)]
 
@@ -167,12 +168,11 @@ class VectorWriters:
 
     def _take(self) -> tuple:
         key, job = self.pending.popleft()
-        return key, job.result() if self.pool else job
-
-    def _remove_settings(self) -> None:
-        if self.settings is not None:
-            self.settings.unlink(missing_ok=True)
-            self.settings = None
+        if not self.pool:
+            return key, job
+        process, rows = job.result()
+        self.ready.add(process)
+        return key, rows
 
     def __enter__(self):
         return self
@@ -180,7 +180,6 @@ class VectorWriters:
     def __exit__(self, *exc):
         if self.pool:
             self.pool.shutdown(cancel_futures=True)
-        self._remove_settings()
 
 
 def id_to_token_list(tokenizer) -> list[str]:
