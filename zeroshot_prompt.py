@@ -60,7 +60,7 @@ from lsr_core.config import ConfigError, load_config
 from lsr_core.modeling import ModelLoadError, load_backbone, load_tokenizer, sparse_mlm_pool
 from lsr_core.sparse import ShardWriter, id_to_token_list, prune, shard_name, to_vector
 from lsr_core.stopwords import ENGLISH_STOPWORDS, NLTK_ENGLISH_STOPWORDS
-from lsr_core.utils import InputError, atomic_open, atomic_write_json, accelerator_kwargs, run_script
+from lsr_core.utils import atomic_open, atomic_write_json, accelerator_kwargs, run_script
 
 logger = get_logger(__name__)
 
@@ -423,7 +423,8 @@ def main(argv=None) -> Path:
         cfg.encode.topk = topk  # meta.json records the top-k actually applied
         counted = text_vocab is not None or multi
         finish(cfg, out, ids, n_shards, is_query, len(vocab), todo, elapsed, hash_sections=("model", "zeroshot"),
-               label="zero-shot encoded", note=f", in_text_only fallbacks {fallbacks if counted else 'n/a'}")
+               label="zero-shot encoded", note=f", in_text_only fallbacks {fallbacks if counted else 'n/a'}",
+               vocab=vocab)
     return out
 
 

@@ -143,6 +143,8 @@ class EncodeConfig:
     #                       that Python work, ~1 us per term, can outpace a GPU: bench/vectors_cpu.py --writers)
     max_length: int = 0  # tokens per text; 0 = the model's (model.max_doc_len / max_query_len, or lsr_config.json)
     flops_docs: str = ""  # kind=query: encoded corpus folder for the FLOPs estimate; default: sibling 'corpus'
+    overwrite: bool = False  # replace the output folder's shards when they were encoded with other settings (else
+    #                          such a rerun is refused; with the same settings it resumes)
 
 
 @dataclass
@@ -213,6 +215,7 @@ class Config:
     search: SearchConfig = field(default_factory=SearchConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    cli_keys = frozenset()  # not a field, so not saved: the dotted keys load_config took from the command line
 
     @property
     def output_dir(self) -> Path:
@@ -401,6 +404,7 @@ def load_config(argv: list[str] | None = None, runs_model: bool = True) -> Confi
         section = getattr(cfg, sec, None)
         typ = typing.get_type_hints(type(section)).get(key) if dataclasses.is_dataclass(section) else None
         _merge(cfg, {sec: {key: _parse_cli_value(raw, typ)}}, "command line")
+        cfg.cli_keys = cfg.cli_keys | {dotted}
     validate(cfg)
     resolve_precision(cfg, warn=runs_model)
     return cfg

@@ -101,6 +101,20 @@ def test_vector_writers_start_before_the_vocabulary_is_known():
     assert got == [vector_rows(pruned, VOCAB, 100.0) for pruned in batches]
 
 
+def test_vector_writers_take_a_new_vocabulary_after_a_drain():
+    """start() again: every process drops the vocabulary it holds for the new one, whichever batches it takes."""
+    batches = _batches(8)
+    upper = [tok.upper() for tok in VOCAB]
+    with VectorWriters(2, VOCAB, 100.0) as writers:
+        first = [rows for pruned in batches for _, rows in writers.submit(None, pruned)]
+        first += [rows for _, rows in writers.drain()]
+        writers.start(upper, 0.0)
+        second = [rows for pruned in batches for _, rows in writers.submit(None, pruned)]
+        second += [rows for _, rows in writers.drain()]
+    assert first == [vector_rows(pruned, VOCAB, 100.0) for pruned in batches]
+    assert second == [vector_rows(pruned, upper, 0.0) for pruned in batches]
+
+
 def test_a_writer_process_error_is_raised_with_its_batch():
     (pruned,) = _batches(1)
     pruned[2][1][0] = float("nan")  # cannot be quantised
