@@ -8,10 +8,13 @@
 Inputs: `model.*` (backbone, heads, decoding), `data.*` (training examples: DESIGN §3), `train.*` (loss,
 regularizers, optimisation). Outputs in `runs/<exp.name>/` (or `exp.output_dir`):
     config.yaml                  the resolved config (a valid --cfg for encode.py and the rest of the chain)
-    checkpoints/step-NNNNNN/     accelerate save_state folders every `train.save_every` optimizer steps
+    checkpoints/step-NNNNNN/     accelerate save_state folders every `train.save_every` optimizer steps, plus
+                                 trainer_state.json (step, epoch, logit shift, regularizer warm-up);
+                                 resuming unpickles nothing that could run code (`check_checkpoint_files`)
     final/                       SparseModel.save: HF folder(s) + lsr_config.json (+ mlp_head.safetensors)
     train_log.jsonl              one line per logged step: step, loss, reg, q/d nnz, lr
 Steps, warm-ups and regularizer schedules count optimizer steps (after gradient accumulation), not micro-batches.
+A NaN or infinite loss stops the run before the optimizer applies it (`check_finite`).
 """
 from __future__ import annotations
 
@@ -148,7 +151,8 @@ def save_checkpoint(accelerator, ckpt_dir: Path, step: int, epoch: int, keep: in
 
 
 def read_trainer_state(folder: Path) -> dict:
-    """trainer_state.json of a checkpoint, checked: step and epoch are non-negative integers."""
+    """trainer_state.json of a checkpoint, checked: step and epoch are non-negative integers, logit_shift a number
+    (reg_weights are checked as they load)."""
     path = folder / "trainer_state.json"
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
@@ -159,6 +163,8 @@ def read_trainer_state(folder: Path) -> dict:
     for key in ("step", "epoch"):
         if type(state.get(key)) is not int or state[key] < 0:
             raise InputError(f"{path}: field '{key}' must be a non-negative integer, got {state.get(key)!r}")
+    if type(state.get("logit_shift", 0.0)) not in (int, float):
+        raise InputError(f"{path}: field 'logit_shift' must be a number, got {state['logit_shift']!r}")
     return state
 
 

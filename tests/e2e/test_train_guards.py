@@ -160,7 +160,10 @@ def test_planted_deepspeed_file_is_scanned_not_run(stopped, tmp_path):
     ('{"step": 2, "epo', r"step-000002/trainer_state.json: not valid JSON, the checkpoint is damaged"),
     ('{"step": "2", "epoch": 0}', r"step-000002/trainer_state.json: field 'step' must be a non-negative integer, "
                                   r"got '2'"),
-], ids=["torn", "wrong_type"])
+    ('{"step": 2, "epoch": 0, "logit_shift": "x"}', r"trainer_state.json: field 'logit_shift' must be a number"),
+    ('{"step": 2, "epoch": 0, "reg_weights": {"q": {"steps": 2}}}',
+     r"trainer_state.json: field 'reg_weights.q' is not a regularizer weight's state \(KeyError: 'steps_done'\)"),
+], ids=["torn", "wrong_type", "logit_shift", "reg_weights"])
 def test_damaged_trainer_state_is_an_error(stopped, tiny, tmp_path, text, pattern):
     out, folder = copy_of(stopped, tmp_path)
     (folder / "trainer_state.json").write_text(text)
