@@ -115,6 +115,21 @@ def test_checkpoint_state_is_json_and_safetensors(stopped):
     assert state["step"] == 2 and state["reg_weights"] == {"q": {"steps_done": 2}, "d": {"steps_done": 2}}
 
 
+def test_checkpoint_without_reg_weights_resumes_the_warm_up_from_its_step(stopped, tiny, tmp_path):
+    """Checkpoints of an older train.py kept the warm-up in a pickle (refused: see below); with that deleted, the
+    warm-up restarts where it was, since it counts optimizer steps."""
+    uninterrupted = tmp_path / "uninterrupted"
+    run(tiny, uninterrupted, "--train.q_reg_weight=0.01", "--train.d_reg_weight=0.01", "--train.reg_warmup_steps=3")
+    out, folder = copy_of(stopped, tmp_path)
+    state = json.loads((folder / "trainer_state.json").read_text())
+    del state["reg_weights"]
+    (folder / "trainer_state.json").write_text(json.dumps(state))
+    run(tiny, out, "--train.q_reg_weight=0.01", "--train.d_reg_weight=0.01", "--train.reg_warmup_steps=3",
+        "--train.resume=auto")
+    assert logged(out, "reg") == logged(uninterrupted, "reg") and logged(out, "reg")[2] > 0
+    assert logged(out) == logged(uninterrupted)
+
+
 PLANTED = {  # file -> the one-line refusal
     "custom_checkpoint_0.pkl": r"custom_checkpoint_0.pkl: train.py does not load pickled checkpoint state "
                                r"\(unpickling can run code\)",
