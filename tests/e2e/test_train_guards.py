@@ -84,7 +84,7 @@ def test_non_finite_regularizer_is_named(tiny, tmp_path, monkeypatch, optimizer_
     # the regularizer runs twice per micro-batch (queries, documents): call 4 is step 2's document term
     monkeypatch.setitem(train.REGULARIZERS, "flops", nan_on_call(train.REGULARIZERS["flops"], {4}, float("inf")))
     with pytest.raises(train.NonFiniteLoss, match=r"^non-finite regularizer \(inf\) at optimizer step 2, "
-                                                  r"micro-batch 1 of 1: stopped before") :
+                                                  r"micro-batch 1 of 1: stopped before"):
         run(tiny, tmp_path / "run", "--train.q_reg_weight=0.01", "--train.d_reg_weight=0.01")
     assert len(optimizer_steps) == 1
 
