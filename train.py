@@ -8,15 +8,19 @@
 Inputs: `model.*` (backbone, heads, decoding), `data.*` (training examples: DESIGN §3), `train.*` (loss,
 regularizers, optimisation). Outputs in `runs/<exp.name>/` (or `exp.output_dir`):
     config.yaml                  the resolved config (a valid --cfg for encode.py and the rest of the chain)
-    checkpoints/step-NNNNNN/     accelerate save_state folders every `train.save_every` optimizer steps
+    checkpoints/step-NNNNNN/     accelerate save_state folders every `train.save_every` optimizer steps, plus
+                                 trainer_state.json (step, epoch, logit shift, regularizer warm-up);
+                                 resuming unpickles nothing that could run code (`check_checkpoint_files`)
     final/                       SparseModel.save: HF folder(s) + lsr_config.json (+ mlp_head.safetensors)
     train_log.jsonl              one line per logged step: step, loss, reg, q/d nnz, lr
 Steps, warm-ups and regularizer schedules count optimizer steps (after gradient accumulation), not micro-batches.
+A NaN or infinite loss stops the run before the optimizer applies it (`check_finite`).
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -26,13 +30,14 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
 from accelerate.utils import DeepSpeedPlugin, set_seed
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from lsr_core.config import ConfigError, load_config, save_config
 from lsr_core.data import collate, load_examples
 from lsr_core.losses import LOSSES, NEEDS_TEACHER, REGULARIZERS, RegWeight, regularization
 from lsr_core.modeling import build_model, calibrate_logit_shift
-from lsr_core.utils import InputError, accelerator_kwargs, run_script
+from lsr_core.utils import InputError, accelerator_kwargs, atomic_write_json, atomic_write_text, run_script
 
 logger = get_logger(__name__)
 
@@ -121,20 +126,134 @@ def make_optimizer(cfg, model, accelerator):
 
 
 def last_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint that has its trainer_state.json. save_checkpoint writes that file last and atomically, so a
+    folder without it was cut off mid-save and is skipped; one whose trainer_state.json exists but does not read is
+    damaged, not incomplete, and `read_trainer_state` stops on it rather than quietly resuming further back."""
     done = sorted(p for p in folder.glob("step-*") if (p / "trainer_state.json").is_file())
     return done[-1] if done else None
 
 
-def save_checkpoint(accelerator, ckpt_dir: Path, step: int, epoch: int, keep: int, logit_shift: float) -> None:
+def save_checkpoint(accelerator, ckpt_dir: Path, step: int, epoch: int, keep: int, logit_shift: float,
+                    reg_weights: dict) -> None:
     path = ckpt_dir / f"step-{step:06d}"
+    if accelerator.is_main_process:
+        # a folder saved again (a resumed run redoing steps) is incomplete while save_state overwrites it
+        (path / "trainer_state.json").unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(path))
     if accelerator.is_main_process:
-        # trainer_state.json is written last: a checkpoint without it is incomplete and ignored on resume
-        (path / "trainer_state.json").write_text(json.dumps({"step": step, "epoch": epoch,
-                                                             "logit_shift": logit_shift}))
+        # written last: a checkpoint without it is incomplete and skipped on resume
+        atomic_write_json(path / "trainer_state.json", {
+            "step": step, "epoch": epoch, "logit_shift": logit_shift,
+            "reg_weights": {name: weight.state_dict() for name, weight in reg_weights.items()}})
         for old in sorted(ckpt_dir.glob("step-*"))[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def read_trainer_state(folder: Path) -> dict:
+    """trainer_state.json of a checkpoint, checked: step and epoch are non-negative integers, logit_shift a number
+    (reg_weights are checked as they load)."""
+    path = folder / "trainer_state.json"
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not valid JSON, the checkpoint is damaged ({err})") from err
+    if not isinstance(state, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(state).__name__}")
+    for key in ("step", "epoch"):
+        if type(state.get(key)) is not int or state[key] < 0:
+            raise InputError(f"{path}: field '{key}' must be a non-negative integer, got {state.get(key)!r}")
+    if type(state.get("logit_shift", 0.0)) not in (int, float):
+        raise InputError(f"{path}: field 'logit_shift' must be a number, got {state['logit_shift']!r}")
+    return state
+
+
+# the classes DeepSpeed pickles into its checkpoint files (loss scaler, ZeRO stage, fp32 fragment addresses), beyond
+# the tensors and containers that torch.load(weights_only=True) allows anyway
+DEEPSPEED_CLASSES = {"deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                     "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address"}
+
+
+def check_checkpoint_files(folder: Path, process_index: int, deepspeed: bool) -> None:
+    """Refuse what `accelerator.load_state` would unpickle unsafely or skip silently, before it reads anything.
+
+    accelerate loads its files with `torch.load(weights_only=True)` (tensors and plain containers only), except
+    `custom_checkpoint_*.pkl` (registered objects, full pickle: a planted file runs code), which train.py no longer
+    writes, and it skips an unreadable RNG state with an info line, which would make a resumed run quietly differ.
+    DeepSpeed's engine loads its own files (pytorch_model/*.pt) with full pickle: each is scanned first, without
+    running it, and refused if it names any callable beyond torch's safe ones and DEEPSPEED_CLASSES."""
+    from accelerate.utils import load
+
+    pickled = sorted(folder.glob("custom_checkpoint_*.pkl"))
+    if pickled:
+        raise InputError(f"{pickled[0]}: train.py does not load pickled checkpoint state (unpickling can run code); "
+                         "the file comes from an older train.py or from elsewhere: delete it to resume")
+    for path in sorted((folder / "pytorch_model").glob("*.pt")) if deepspeed else []:
+        try:
+            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path))) - DEEPSPEED_CLASSES
+        except Exception as err:  # not torch.save's zip format, or a pickle opcode the scan does not allow
+            raise InputError(f"{path}: not a checkpoint file DeepSpeed wrote ({first_line(err)})") from err
+        if unsafe:
+            raise InputError(f"{path}: names {sorted(unsafe)[0]}, which DeepSpeed's unpickling would call: "
+                             "refused (a DeepSpeed checkpoint holds tensors and DeepSpeed's own state only)")
+    rng = folder / f"random_states_{process_index}.pkl"
+    if not rng.is_file():
+        logger.warning(f"{rng}: not found, the random number generators are not restored (another number of "
+                       "processes than the run that saved it?)")
+        return
+    try:
+        load(rng)  # as load_state reads it: weights_only, plus numpy's array types
+    except Exception as err:  # weights_only refusals, torn zip files: reported, never run
+        raise InputError(f"{rng}: not a readable RNG state ({first_line(err)})") from err
+
+
+def first_line(err: Exception) -> str:
+    """`Type: first line of the message`: library errors (torch's unpickler) span many lines."""
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+
+
+class NonFiniteLoss(InputError):
+    """A NaN or infinite loss. An InputError so that the scripts' handler prints it as one line: its usual causes
+    are the config (learning rate, temperature) or the data of that step."""
+
+
+def check_finite(accelerator, losses: list[torch.Tensor], step: int) -> None:
+    """Stop before optimizer step `step` applies a non-finite loss. `losses`: [rank loss, regularizer] of each
+    micro-batch of the step, left on the device so that micro-batches do not sync; read here once per optimizer step
+    (one device sync, the price of stopping before the update) and gathered, so that every process stops together."""
+    values = torch.stack(losses)[None]  # [1, micro-batches, 2]
+    if accelerator.num_processes > 1:
+        values = accelerator.gather(values)  # [processes, micro-batches, 2]
+    if bool(torch.isfinite(values).all()):
+        return
+    process, micro, part = (~torch.isfinite(values)).nonzero()[0].tolist()
+    where = f" on process {process}" if accelerator.num_processes > 1 else ""
+    raise NonFiniteLoss(f"non-finite {('rank loss', 'regularizer')[part]} ({values[process, micro, part].item()}) at "
+                        f"optimizer step {step}, micro-batch {micro + 1} of {values.shape[1]}{where}: stopped before "
+                        "the optimizer applied it (lower train.lr, or check that step's data)")
+
+
+def kept_log_lines(path: Path, step: int) -> list[str]:
+    """The lines of train_log.jsonl up to `step` (a resumed run redoes and logs again the steps after it). A run
+    killed mid-write leaves a torn last line: dropped with a warning. A bad line before the last is damage: an error."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                logger.warning(f"{path}:{number}: dropped a torn last line (the run stopped while writing it)",
+                               main_process_only=True)
+                break
+            raise InputError(f"{path}:{number}: invalid JSON ({err.msg})") from err
+        if not isinstance(record, dict) or type(record.get("step")) is not int:
+            raise InputError(f"{path}:{number}: field 'step' missing or not an integer")
+        if record["step"] <= step:
+            kept.append(line + "\n")
+    return kept
 
 
 def calibrate(accelerator, model, dataset, tokenize, target: int) -> float:
@@ -191,7 +310,7 @@ def main(argv=None) -> Path:
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     q_weight = RegWeight(cfg.train.q_reg_weight, cfg.train.reg_warmup_steps)
     d_weight = RegWeight(cfg.train.d_reg_weight, cfg.train.reg_warmup_steps)
-    accelerator.register_for_checkpointing(q_weight, d_weight)
+    reg_weights = {"q": q_weight, "d": d_weight}  # their state goes into trainer_state.json, not into a pickle
     loss_fn = LOSSES[cfg.train.loss]
     q_reg, d_reg = REGULARIZERS[cfg.train.q_reg], REGULARIZERS[cfg.train.d_reg]
 
@@ -203,10 +322,21 @@ def main(argv=None) -> Path:
         raise InputError(f"'train.resume': {resume_from} is not a complete checkpoint")
     spec = accelerator.unwrap_model(model).spec
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        state = json.loads((resume_from / "trainer_state.json").read_text())
+        state = read_trainer_state(resume_from)
+        check_checkpoint_files(resume_from, accelerator.process_index, uses_deepspeed(cfg))
+        try:
+            accelerator.load_state(str(resume_from))
+        except (pickle.UnpicklingError, SafetensorError, RuntimeError, OSError, ValueError, KeyError) as err:
+            raise InputError(f"{resume_from}: cannot load the checkpoint ({first_line(err)})") from err
         step, epoch = state["step"], state["epoch"]
         spec.logit_shift = state.get("logit_shift", spec.logit_shift)  # as calibrated when the run began
+        for name, weight in reg_weights.items():
+            # checkpoints written before the weights' state was stored here: it counts optimizer steps from 0
+            try:
+                weight.load_state_dict(state.get("reg_weights", {}).get(name, {"steps_done": step}))
+            except (AttributeError, KeyError, TypeError, ValueError) as err:
+                raise InputError(f"{resume_from / 'trainer_state.json'}: field 'reg_weights.{name}' is not a "
+                                 f"regularizer weight's state ({first_line(err)})") from err
         skip = step * cfg.train.grad_accum - epoch * len(loader)  # micro-batches already done in this epoch
         logger.info(f"resumed from {resume_from} at step {step}", main_process_only=True)
     elif cfg.train.calibrate_nnz:
@@ -229,9 +359,9 @@ def main(argv=None) -> Path:
     log_path, started = out / "train_log.jsonl", time.time()
     if accelerator.is_main_process and log_path.exists():
         # a fresh run starts a new log; a resumed one drops the steps it redoes (logged after its checkpoint)
-        kept = [line for line in log_path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
-        log_path.write_text("".join(kept))
+        atomic_write_text(log_path, "".join(kept_log_lines(log_path, step) if step else []))
     gather = cfg.train.cross_device_negatives and accelerator.num_processes > 1
+    losses = []  # [rank loss, regularizer] per micro-batch of the current optimizer step, for check_finite
     while step < cfg.train.max_steps:
         dataset.shuffle_for_epoch(epoch)
         batches = accelerator.skip_first_batches(loader, skip) if skip else loader
@@ -245,6 +375,11 @@ def main(argv=None) -> Path:
                 reg = regularization(q_reps, d_reps, q_reg, d_reg, q_weight.weight, d_weight.weight,
                                      cfg.train.d_reg_form)
                 loss = rank_loss + reg
+                losses.append(torch.stack([rank_loss.detach().float(),
+                                           torch.as_tensor(reg).detach().float().to(rank_loss.device)]))
+                if accelerator.sync_gradients:  # before backward: DeepSpeed steps the optimizer inside it
+                    check_finite(accelerator, losses, step + 1)
+                    losses = []
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
@@ -267,7 +402,8 @@ def main(argv=None) -> Path:
                         f.write(json.dumps(record) + "\n")
                 progress.set_postfix(loss=f"{record['loss']:.4f}", d_nnz=f"{record['d_nnz']:.0f}")
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.max_steps:
-                save_checkpoint(accelerator, ckpt_dir, step, epoch, cfg.train.keep_checkpoints, spec.logit_shift)
+                save_checkpoint(accelerator, ckpt_dir, step, epoch, cfg.train.keep_checkpoints, spec.logit_shift,
+                                reg_weights)
             if cfg.train.stop_after and step >= cfg.train.stop_after:
                 progress.close()
                 logger.info(f"stopping at step {step} (train.stop_after)", main_process_only=True)

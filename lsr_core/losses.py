@@ -207,7 +207,7 @@ class RegWeight:
     """Regularizer weight with quadratic warm-up: w = target * min(1, (step / T)^2); T = 0 means no warm-up.
 
     Call `.step()` once per optimizer step (when `accelerator.sync_gradients`), never per micro-batch. Holds its
-    step in `state_dict()` so `accelerator.register_for_checkpointing(reg_weight)` saves and restores it.
+    step in `state_dict()`, which train.py keeps in its checkpoints' trainer_state.json (JSON, never a pickle).
     """
 
     def __init__(self, target_weight: float, warmup_steps: int):
