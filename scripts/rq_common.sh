@@ -129,15 +129,18 @@ model_override() {
   esac
 }
 
-# Training data paths: MS MARCO files (and the yaml's teacher file) under $DATA; the wiki mode has its own
+# Training data paths: MS MARCO files (and the yaml's teacher files) under $DATA; the wiki mode has its own
 train_data_overrides() {
-  local yaml=$1
+  local yaml=$1 norm_ref
   if [ $MODE = wiki ]; then
     echo "--data.format=jsonl --data.train_file=$DATA/train.bm25.jsonl --data.corpus=$DATA/corpus.jsonl" \
-         "--data.queries=$DATA/queries.train.jsonl --data.qrels=$DATA/qrels.train.tsv --data.teacher_scores="
+         "--data.queries=$DATA/queries.train.jsonl --data.qrels=$DATA/qrels.train.tsv --data.teacher_scores=" \
+         "--data.teacher_norm=none"
   else
     echo "--data.corpus=$DATA/collection.tsv --data.queries=$DATA/queries.train.tsv" \
          "--data.qrels=$DATA/qrels.train.tsv --data.teacher_scores=$DATA/$(basename "$(cfgval "$yaml" data.teacher_scores)")"
+    norm_ref=$(cfgval "$yaml" data.teacher_norm_reference)  # the file a rescaled teacher is mapped onto
+    if [ -n "$norm_ref" ]; then echo "--data.teacher_norm_reference=$DATA/$(basename "$norm_ref")"; fi
   fi
 }
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -21,13 +22,14 @@ NAMES = {"rq1": ["bert_base_uncased", "flan_t5_base", "flan_t5_large", "flan_t5_
          "rq2": ["distilsplade_max", "flan_t5_encoder_only", "flan_t5_multi_token", "flan_t5_decoder_only",
                  "opt_350m"],
          "rq3": ["flan_t5_single_token", "flan_t5_multi_token", "qmlm_dmlp", "qmlp_dmlm"],
-         "rq4": ["flan_t5_large", "opt_1_3b", "opt_6_7b_lora", "opt_1_3b_rankllama"]}
+         "rq4": ["distilbert_minilm", "distilbert_rankllama", "flan_t5_base_minilm", "flan_t5_base_rankllama",
+                 "opt_350m_minilm", "opt_350m_rankllama", "flan_t5_large", "opt_1_3b", "opt_6_7b_lora"]}
 # one configuration per code path: zero-shot encoder / encoder-decoder / decoder (RQ1), the backbone uses of RQ2
 # (multi-token T5 in RQ3), the asymmetric heads (RQ3), LoRA and the cross-encoder teacher (RQ4)
 CI_NAMES = {"rq1": ["bert_base_uncased", "flan_t5_base", "opt_350m"],
             "rq2": ["distilsplade_max", "flan_t5_encoder_only", "flan_t5_decoder_only", "opt_350m"],
             "rq3": ["flan_t5_multi_token", "qmlm_dmlp", "qmlp_dmlm"],
-            "rq4": ["opt_6_7b_lora", "opt_1_3b_rankllama"]}
+            "rq4": ["opt_350m_rankllama", "opt_6_7b_lora"]}
 
 
 def run_script(rq: str, root: Path, *args: str) -> str:
@@ -81,10 +83,13 @@ def test_rq_script_tiny_ci_configs(tmp_path, rq):
     assert f"{rq} (tiny) done" in out
     skipped = [n for n in NAMES[rq] if n not in CI_NAMES[rq]]
     assert not any(f"== {n}:" in out for n in skipped)
-    if rq == "rq4":  # the teacher of opt_1_3b_rankllama was made by teacher_scores.py (tiny cross-encoder)
+    if rq == "rq4":  # the teacher of opt_350m_rankllama was made by teacher_scores.py (tiny cross-encoder), then
+        # rescaled onto the fixture's MiniLM scores
         assert (tmp_path / "data" / "scores.rankllama.json.gz").is_file()
-        cfg = (tmp_path / "rq4" / "opt_1_3b_rankllama" / "config.yaml").read_text()
-        assert "scores.rankllama.json.gz" in cfg
+        cfg = yaml.safe_load((tmp_path / "rq4" / "opt_350m_rankllama" / "config.yaml").read_text())
+        assert cfg["data"]["teacher_scores"] == str(tmp_path / "data" / "scores.rankllama.json.gz")
+        assert cfg["data"]["teacher_norm"] == "affine"
+        assert cfg["data"]["teacher_norm_reference"] == str(tmp_path / "data" / "scores.minilm.json.gz")
     if rq == "rq2":  # a rerun of a finished configuration skips every step
         run = tmp_path / "rq2" / "search" / "distilsplade_max.trec"
         mtime = run.stat().st_mtime_ns
