@@ -28,7 +28,8 @@ def test_every_yaml_loads(path):
 
 def test_tiny_yamls_inherit_base_and_set_their_model():
     cfg = load_config(["--cfg", str(YAMLS / "tiny" / "asym_qmlp_dmlm.yaml")])
-    assert cfg.train.loss == "infonce" and cfg.train.lr == 3e-3  # from base.yaml
+    assert cfg.train.loss == "infonce" and cfg.train.batch_size == 4  # from base.yaml
+    assert cfg.train.lr == 1e-3  # its own, over base.yaml's 3e-3
     assert (cfg.model.query_head, cfg.model.doc_head, cfg.model.shared) == ("mlp", "mlm", False)
     assert load_config(["--cfg", str(YAMLS / "tiny" / "t5_single.yaml")]).model.decoding == "single_token"
     assert load_config(["--cfg", str(YAMLS / "tiny" / "opt_lora.yaml")]).model.lora is True
