@@ -80,7 +80,7 @@ rq_setup() {
       export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
       ROOT=${ROOT:-runs/rq_wiki}; DATA=${DATA:-data/wiki}; STEPS=${STEPS:-100}
       step "Wikipedia collection: $DATA"
-      $PY scripts/prepare_wiki.py --out "$DATA"
+      [ -f "$DATA/stats.json" ] || $PY scripts/prepare_wiki.py --out "$DATA"  # written last: the data is complete
       [ -f "$DATA/train.bm25.jsonl" ] || $PY scripts/bm25.py --corpus "$DATA/corpus.jsonl" \
         --queries "$DATA/queries.train.jsonl" --out "$DATA/train.bm25.trec" --qrels "$DATA/qrels.train.tsv" \
         --hard-negatives "$DATA/train.bm25.jsonl" --n-neg 8
