@@ -425,8 +425,8 @@ def resolve_precision(cfg: Config, warn: bool = True) -> None:
         cfg.train.mixed_precision = "bf16" if native else "no"
     if warn and not native and wants_bf16 - {"auto"}:
         logging.getLogger(__name__).warning(
-            "bf16 requested on a CPU without AVX512-BF16 or AMX: its bf16 matmuls are emulated (measured 23x slower "
-            "than float32 on an AVX2 EPYC); 'auto' picks float32 here")
+            "bf16 requested on a CPU without AVX512-BF16 or AMX: its bf16 matmuls are emulated, many times slower "
+            "than float32; 'auto' picks float32 here")
 
 
 def to_dict(cfg: Config) -> dict:

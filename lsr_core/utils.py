@@ -99,8 +99,8 @@ def write_gzip_lines(path: str | Path, lines: Iterable[str], level: int = 5, thr
     """`lines` (each without its newline) -> one gzip member at `path`, atomically, compressed on `threads` threads
     (0: one per core; zlib releases the GIL) in pieces of `lines_per_piece` lines, as pigz does: each piece is
     deflated on its own and ends on a sync flush, so the pieces form one deflate stream that any gzip reader reads.
-    At level 5, one core compresses ~29 MB/s of encoded vectors (~25 ms per 256 documents), as long as an H200
-    encodes them, so a single-threaded writer would double the time encode.py spends after the model."""
+    At level 5 one core compresses encoded vectors about as fast as a fast GPU encodes them (bench/RESULTS.md),
+    so a single-threaded writer would double the time encode.py spends after the model."""
     threads = threads or os.cpu_count() or 1
     crc, size, waiting = 0, 0, collections.deque()
     lines = iter(lines)
