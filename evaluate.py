@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not ev.qrels:
         raise ConfigError("'eval.qrels' is required (--qrels FILE)")
     if not ev.runs:
-        raise ConfigError("'eval.runs' is required (--run A.trec [B.trec ...])")
+        raise ConfigError("'eval.runs' is required (--run a.trec [b.trec ...])")
     if not ev.metrics:
         raise ConfigError("'eval.metrics' must name at least one metric")
     for metric in ev.metrics:

@@ -48,7 +48,7 @@ def make_cells(prompts):
     from lsr_core.sparse import (ShardWriter, id_to_token_list, load_vectors, nnz_stats, read_meta, shard_name,
                                  write_meta)
 
-    cfg = load_config(["--cfg", "yamls/zeroshot/smollm2_135m.yaml"])
+    cfg = load_config(["--cfg", "yamls/rq1/smollm2_135m.yaml", "--cfg", "yamls/zeroshot/next_token.yaml"])
     tok = load_tokenizer(cfg.model.name_or_path, cfg.model.gguf_file)
     vocab = id_to_token_list(tok)
     ids, texts = read_input("data/wiki_zs/corpus.jsonl", "doc")

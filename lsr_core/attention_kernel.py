@@ -3,9 +3,8 @@
     out[t] = softmax(q[t] . k[s] * scale over the positions s of t's text) @ v[s]
 
 torch's `varlen_attn` (FlashAttention-2) cuts each text into query and key tiles of 128 positions, so a text of
-130 positions costs as much as one of 256: on MS MARCO-like documents (60-250 tokens) it computes ~2x the real
-attention FLOPs, and BERT-base's attention took 11.6% of the encoding time for 2.6% of its FLOPs (bench/RESULTS.md,
-run Z10). Here the tile sizes are autotuned per head size and per bucket of the longest text, down to 32 x 32.
+130 positions costs as much as one of 256, so on MS MARCO-like documents most of its attention work is padding
+(bench/RESULTS.md, "Where BERT-base's encoding time goes"). Here the tile sizes are autotuned per head size and per bucket of the longest text, down to 32 x 32.
 Online softmax (exp2, float32 statistics and accumulator), one program per (query tile, text, head); a program
 whose tile starts past its text's end exits. Forward only: training keeps `varlen_attn`, which has a backward.
 Tested on the CPU through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU).

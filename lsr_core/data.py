@@ -379,15 +379,3 @@ def collate(samples: list[TrainSample]) -> TrainBatch:
                       docs=[doc for ex in samples for doc in [ex.pos, *ex.negs]],
                       teacher_scores=teacher)
 
-
-def batches(examples: TrainSet, batch_size: int, seed: int, epoch: int, drop_last: bool = True) -> list[TrainBatch]:
-    """The epoch's batches: a shuffle seeded by (seed, epoch), negatives drawn per (seed, epoch, example), so a
-    resumed run can skip the batches it has done and see the same ones after.
-
-    drop_last keeps every batch (and so every rank's gathered tensor) the same size.
-    """
-    order = list(range(len(examples)))
-    random.Random(f"{seed}:{epoch}").shuffle(order)
-    stop = len(order) - len(order) % batch_size if drop_last else len(order)
-    return [collate([examples.sample(i, seed, epoch) for i in order[start:start + batch_size]])
-            for start in range(0, stop, batch_size)]

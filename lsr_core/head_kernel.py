@@ -9,14 +9,13 @@ itself for BERT-base. Here the positions of all texts (packed end to end, or a p
 columns of one GEMM against the vocabulary; each program keeps its [terms x positions] tile in registers, reduces
 its columns per text (texts are contiguous runs of columns; -1 marks a position no text pools) and merges the
 maxima into [texts x vocabulary] with atomic max. A text's tail costs no more than its share of a tile, unlike
-the previous kernel's per-text tiles (bench/RESULTS.md, run U: 1.35x at BERT-base documents, 1.4-1.7x at the 1B
-decoder's). Texts with no pooled position get -inf, as in the torch path. Inference only (no argmax is kept):
-training uses `modeling._SparseMLMPool`.
+per-text tiles, which were slower (bench/RESULTS.md, "One GEMM for the head"). Texts with no pooled position get
+-inf, as in the torch path. Inference only (no argmax is kept): training uses `modeling._SparseMLMPool`.
 
 Programs run in groups of GROUP_T position tiles that sweep the vocabulary together, so those positions' hidden
 states stay in L2 while each weight tile is read once per group. A configuration either gives each program one
-tile, or runs PER_SM programs per SM that loop over the tiles (persistent; 1.06x alone at BERT-base documents,
-not picked by the autotuner on real batches so far: bench/RESULTS.md, runs Z10-Z12). Tile sizes are autotuned once
+tile, or runs PER_SM programs per SM that loop over the tiles (persistent: rarely the autotuner's pick on real
+batches, bench/RESULTS.md). Tile sizes are autotuned once
 per (hidden, vocabulary, power of two of the positions) and process.
 Tested on the CPU through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU).
 """

@@ -31,7 +31,6 @@ from lsr_core.utils import InputError, open_text
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_METRICS = ["mrr@10", "ndcg@10", "recall@100", "recall@1000"]
 METRIC_RE = re.compile(r"^(mrr|ndcg|recall|precision|map)(@[1-9][0-9]*)?(-l([1-9][0-9]*))?$")
 
 

@@ -65,7 +65,7 @@ def quantize(weights: np.ndarray, scale: float) -> list:
         if not np.isfinite(scaled).all():
             raise ValueError(f"weights that are not finite cannot be quantised: {weights[~np.isfinite(scaled)][:5]}")
         return scaled.astype(np.int64).tolist()
-    return [round(v, 5) for v in weights.tolist()]  # Python floats: ~1.4x rounding numpy scalars one by one
+    return [round(v, 5) for v in weights.tolist()]  # Python floats: faster than rounding numpy scalars
 
 
 def to_vector(token_ids: np.ndarray, weights: np.ndarray, vocab: list[str], scale: float = 0.0) -> dict:

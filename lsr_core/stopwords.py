@@ -31,7 +31,3 @@ y you you'd you'll you're you've your yours yourself yourselves
 ENGLISH_STOPWORDS = NLTK_ENGLISH_STOPWORDS | frozenset("""
 also although among could else ever however may might must per shall since thus upon us whether would yet
 """.split())
-
-
-def is_stopword(word: str) -> bool:
-    return word.lower() in ENGLISH_STOPWORDS

@@ -99,8 +99,8 @@ def write_gzip_lines(path: str | Path, lines: Iterable[str], level: int = 5, thr
     """`lines` (each without its newline) -> one gzip member at `path`, atomically, compressed on `threads` threads
     (0: one per core; zlib releases the GIL) in pieces of `lines_per_piece` lines, as pigz does: each piece is
     deflated on its own and ends on a sync flush, so the pieces form one deflate stream that any gzip reader reads.
-    At level 5, one core compresses ~29 MB/s of encoded vectors (~25 ms per 256 documents), as long as an H200
-    encodes them, so a single-threaded writer would double the time encode.py spends after the model."""
+    At level 5 one core compresses encoded vectors about as fast as a fast GPU encodes them (bench/RESULTS.md),
+    so a single-threaded writer would double the time encode.py spends after the model."""
     threads = threads or os.cpu_count() or 1
     crc, size, waiting = 0, 0, collections.deque()
     lines = iter(lines)
@@ -355,7 +355,7 @@ def native_bf16() -> bool:
 
     The environment variable LSR_NATIVE_BF16 forces the answer (1: native, 0: emulated; unset or empty: ask the
     hardware), so that one machine can run the tests as the other kind would; `auto` precision resolves through
-    here (`lsr_core.config.resolve_precision`). It is read at every call."""
+    here (`resolve_precision`). It is read at every call."""
     forced = os.environ.get("LSR_NATIVE_BF16", "").strip()
     if forced:
         if forced not in ("0", "1"):
@@ -369,6 +369,23 @@ def native_bf16() -> bool:
         return torch.cuda.is_bf16_supported()
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so looked up defensively
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def resolve_precision(cfg, warn: bool = True) -> None:
+    """`auto` in model.dtype / train.mixed_precision -> bf16 where this machine computes it natively, else float32 /
+    no; an explicit bf16 on a CPU that emulates it gets a warning. The saved config.yaml records the choice."""
+    wants_bf16 = {cfg.model.dtype, cfg.train.mixed_precision} & {"auto", "bfloat16", "bf16"}
+    if not wants_bf16:
+        return
+    native = native_bf16()
+    if cfg.model.dtype == "auto":
+        cfg.model.dtype = "bfloat16" if native else "float32"
+    if cfg.train.mixed_precision == "auto":
+        cfg.train.mixed_precision = "bf16" if native else "no"
+    if warn and not native and wants_bf16 - {"auto"}:
+        logging.getLogger(__name__).warning(
+            "bf16 requested on a CPU without AVX512-BF16 or AMX: its bf16 matmuls are emulated, many times slower "
+            "than float32; 'auto' picks float32 here")
 
 
 def accelerator_kwargs(deepspeed: bool = False) -> dict:

@@ -32,7 +32,7 @@ retrieve() {
     $PY search.py "${common[@]}" --search.name=$name --search.output=$OUT/search/$name.trec
 }
 retrieve splade_tiny encode.py --cfg yamls/demo.yaml --model.dtype=auto
-retrieve smollm2_zeroshot zeroshot_prompt.py --cfg yamls/zeroshot/smollm2_135m.yaml
+retrieve smollm2_zeroshot zeroshot_prompt.py --cfg yamls/rq1/smollm2_135m.yaml --cfg yamls/zeroshot/next_token.yaml
 
 $PY evaluate.py --qrels $QRELS --out $OUT/eval \
   --run $OUT/search/bm25.trec $OUT/search/splade_tiny.trec $OUT/search/smollm2_zeroshot.trec

@@ -2,7 +2,8 @@
 # RQ1 — can LLMs write useful sparse representations zero-shot? As the paper ran it (JingfenQiao/Decoder4LSR
 # bash_rq1/*.sh): DistilBERT (its "BERT" row), Flan-T5 base -> xxl and OPT 350m -> 13b, each max-pooling its LM head
 # over prompt + text (zeroshot.method multi_token, yamls/rq1/base.yaml): zeroshot_prompt.py (corpus + queries) ->
-# index -> search -> evaluate -> table. SmolLM2-135M runs both that method and ours (next_token, yamls/zeroshot/).
+# index -> search -> evaluate -> table. SmolLM2-135M runs both that method and ours (next_token: its yaml +
+# yamls/zeroshot/next_token.yaml, a second --cfg; a yaml column "A.yaml+B.yaml" passes both).
 #   bash scripts/rq1.sh [--only NAME[,NAME...]] [--engine E] [--gpus N]      # MS MARCO (scripts/prepare_msmarco.sh first)
 #   bash scripts/rq1.sh --tiny                                      # CI: tiny random models + fixture
 #   bash scripts/rq1.sh --wiki                                      # offline Wikipedia: SmolLM2-135M, both methods
@@ -20,5 +21,5 @@ CONFIGS=("bert_base_uncased       yamls/rq1/bert_base_uncased.yaml    bert  spla
          "opt_6_7b                yamls/rq1/opt_6_7b.yaml             opt   -"
          "opt_13b                 yamls/rq1/opt_13b.yaml              opt   -"
          "smollm2_135m            yamls/rq1/smollm2_135m.yaml         llama smollm2"
-         "smollm2_135m_next_token yamls/zeroshot/smollm2_135m.yaml    llama smollm2")
+         "smollm2_135m_next_token yamls/rq1/smollm2_135m.yaml+yamls/zeroshot/next_token.yaml llama smollm2")
 rq_main rq1 "RQ1: zero-shot prompted sparse representations" zeroshot "$@"

@@ -1,5 +1,5 @@
 # Shared by scripts/rq1.sh .. rq4.sh (sourced, not run). Each RQ script lists its configurations as data:
-#     CONFIGS=("name  yaml  tiny_arch  wiki_model" ...)
+#     CONFIGS=("name  yaml  tiny_arch  wiki_model" ...)   (yaml: one file, or MODEL.yaml+METHOD.yaml for two --cfg)
 # then calls `rq_main "$@"`, which parses the options below, prepares the mode's data (and tiny models), runs every
 # configuration's chain with `run_trained` (train -> encode -> index -> search) or `run_zeroshot` (zeroshot_prompt ->
 # index -> search), evaluates every run on every query set and prints the table (scripts/tables.py).
@@ -160,10 +160,12 @@ index_search() {
 run_config() {
   local kind=$1 name=$2 yaml=$3 arch=$4 wiki=$5 model encoder=encode.py
   wanted "$name" || return 0
-  model=$(model_override "$arch" "$wiki" "$yaml")
+  model=$(model_override "$arch" "$wiki" "${yaml%%+*}")
   if [ -z "$model" ]; then echo; echo "== $name: no offline stand-in for its backbone in --$MODE mode, skipped"; return 0; fi
   local dir=$OUT/$name
-  local common=(--cfg "$yaml" --exp.output_dir=$dir $model "${EXTRA[@]}")
+  local cfgs=() part
+  for part in ${yaml//+/ }; do cfgs+=(--cfg "$part"); done  # MODEL.yaml+METHOD.yaml: the method's yaml merged last
+  local common=("${cfgs[@]}" --exp.output_dir=$dir $model "${EXTRA[@]}")
   if [ "$kind" = trained ]; then
     step "$name: train ($yaml)"
     [ -f "$dir/final/lsr_config.json" ] || "${LAUNCH[@]}" train.py "${common[@]}" $(train_data_overrides "$yaml") --train.resume=auto

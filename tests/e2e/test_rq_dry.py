@@ -22,7 +22,7 @@ import prepare_msmarco  # noqa: E402
 
 RQ_YAMLS = sorted(p for p in (REPO / "yamls").glob("rq[1-4]/*.yaml") if p.name != "base.yaml")
 B7_YAMLS = sorted((REPO / "yamls" / "7b").glob("*.yaml"))
-ROW = re.compile(r'"(\S+)\s+(yamls/rq\d/\S+\.yaml)\s+(\w+)\s+(\S+)"')
+ROW = re.compile(r'"(\S+)\s+(yamls/rq\d/[^\s+]+\.yaml)(?:\+\S+\.yaml)?\s+(\w+)\s+(\S+)"')  # MODEL.yaml[+METHOD.yaml]
 
 
 def tiny_arch(name_or_path: str) -> str:

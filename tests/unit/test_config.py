@@ -1,11 +1,13 @@
 """Config: every yaml in yamls/ loads; unknown keys, wrong types and bad choices are errors naming the key;
 one level of `base:`; CLI overrides beat the yaml; the accelerate and DeepSpeed files parse."""
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from lsr_core.config import Config, ConfigError, load_config
+from lsr_core.config import CHOICES, MINIMUM, Config, ConfigError, load_config
 
 YAMLS = Path(__file__).resolve().parents[2] / "yamls"
 EXPERIMENT_YAMLS = sorted(p for p in YAMLS.rglob("*.yaml") if "accelerate" not in p.relative_to(YAMLS).parts)
@@ -161,6 +163,48 @@ def test_cli_override_beats_yaml(tmp_path):
     # order does not matter: --cfg is read first, then the overrides in order
     cfg = load_config(["--train.lr=2e-4", "--cfg", str(path), "--train.lr=3e-4"])
     assert cfg.train.lr == 3e-4
+
+
+def test_several_cfg_files_merge_in_order(tmp_path):
+    write(tmp_path / "base.yaml", "train:\n  lr: 0.5\n  max_steps: 7\n")
+    model = write(tmp_path / "model.yaml", "base: base.yaml\ntrain:\n  loss: kl\n")
+    method = write(tmp_path / "method.yaml", "train:\n  max_steps: 9\n  loss: infonce\n")
+    cfg = load_config(["--cfg", str(model), "--cfg", str(method), "--train.lr=1e-4"])
+    assert (cfg.train.lr, cfg.train.max_steps, cfg.train.loss) == (1e-4, 9, "infonce")  # later files win
+    assert load_config(["--cfg", str(method), "--cfg", str(model)]).train.loss == "kl"
+
+
+def test_choices_equal_the_code_tables():
+    """Each choice the config offers is one the code implements, and the other way round."""
+    from transformers import BertConfig, LlamaConfig, OPTConfig, T5Config
+
+    from lsr_core import modeling
+    from lsr_core.engines import ENGINES
+    from lsr_core.losses import LOSSES, REGULARIZERS
+
+    assert CHOICES["train.loss"] == list(LOSSES)
+    assert CHOICES["train.q_reg"] == CHOICES["train.d_reg"] == list(REGULARIZERS)
+    assert CHOICES["index.engine"] == list(ENGINES) and CHOICES["search.engine"] == [""] + list(ENGINES)
+    assert CHOICES["model.decoding"] == list(modeling.DECODINGS)
+    kinds = {modeling.detect_kind(c) for c in (BertConfig(), OPTConfig(), LlamaConfig(), T5Config())}
+    assert CHOICES["model.kind"][0] == "auto" and set(CHOICES["model.kind"][1:]) == kinds
+    assert all(modeling._auto_class(kind) for kind in kinds)
+
+
+def test_choice_and_range_checks_come_from_the_fields():
+    default = Config()
+    for dotted, options in CHOICES.items():
+        sec, key = dotted.split(".")
+        assert getattr(getattr(default, sec), key) in options, dotted
+    assert MINIMUM["train.batch_size"] == "> 0" and MINIMUM["encode.topk"] == ">= 0"
+    assert MINIMUM["train.temperature"] == "> 0" and "train.max_grad_norm" not in MINIMUM
+
+
+def test_config_imports_without_torch():
+    code = "import sys, lsr_core.config; assert 'torch' not in sys.modules, 'torch imported'"
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
 
 
 def test_missing_config_file(tmp_path):

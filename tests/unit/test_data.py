@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lsr_core.config import DataConfig
-from lsr_core.data import TrainSet, batches, collate, convert_scores_to_json, load_examples, load_teacher_scores
+from lsr_core.data import TrainSet, collate, convert_scores_to_json, load_examples, load_teacher_scores
 from lsr_core.utils import InputError
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "train"
@@ -220,18 +220,20 @@ def test_collate_layout():
         collate(inline)
 
 
-def test_batches_deterministic_per_seed_and_epoch(tmp_path):
+def test_epoch_view_deterministic_per_seed_and_epoch(tmp_path):
+    from train import EpochView
+
     lines = [{"qid": f"x{i}", "query": f"query {i}", "pos": f"pos {i}", "negs": [f"neg {i} {j}" for j in range(3)]}
              for i in range(10)]
     examples = load_examples(DataConfig(train_file=str(write_lines(tmp_path / "t.jsonl", lines))), 2, 0)
-    order = lambda bs: [q for b in bs for q in b.queries]  # noqa: E731
-    epoch0 = batches(examples, 3, seed=1, epoch=0)
-    assert len(epoch0) == 3 and all(len(b.queries) == 3 for b in epoch0)  # 10 examples, last 1 dropped
-    assert order(epoch0) == order(batches(examples, 3, seed=1, epoch=0))
-    assert order(epoch0) != order(batches(examples, 3, seed=1, epoch=1))
-    everything = batches(examples, 3, seed=1, epoch=0, drop_last=False)
-    assert sorted(order(everything)) == sorted(f"query {i}" for i in range(10))
-    assert order(everything)[:9] == order(epoch0)
-    negatives = lambda bs: [b.docs for b in bs]  # noqa: E731
-    assert negatives(epoch0) == negatives(batches(examples, 3, seed=1, epoch=0))
-    assert negatives(epoch0) != negatives(batches(examples, 3, seed=2, epoch=0))
+
+    def epoch(seed, number):
+        view = EpochView(examples, seed)
+        view.shuffle_for_epoch(number)
+        return collate([view[i] for i in range(len(view))])
+
+    epoch0 = epoch(1, 0)
+    assert sorted(epoch0.queries) == sorted(f"query {i}" for i in range(10))
+    assert epoch0.queries == epoch(1, 0).queries and epoch0.docs == epoch(1, 0).docs
+    assert epoch0.queries != epoch(1, 1).queries
+    assert epoch0.docs != epoch(2, 0).docs  # another seed: another order and other negatives

@@ -148,7 +148,7 @@ def test_the_callers_work_on_a_batch_does_not_wait_for_the_batches_queued_after_
     model = build_model(ModelConfig(name_or_path=tiny["bert"], dtype="bfloat16")).eval().to("cuda")
     for _, reps in encode_shard(model, TEXTS, False, 2, _Count(), lookahead=1):
         # warm-up: the head kernel's autotuning synchronises on each new shape, and so does each cudaMalloc while
-        # the side stream's memory pool grows (a first run on the H200 gave [False, True, False] below)
+        # the side stream's memory pool grows (without it the first batch is over before it is checked)
         reps.sum().item()
     original, main = model.encode_batch, torch.cuda.current_stream()
 

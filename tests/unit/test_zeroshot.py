@@ -334,3 +334,27 @@ def test_rq1_yamls_hold_the_reference_values():
         if path.stem != "smollm2_135m":  # each paper row names its reference script and experiment
             text = path.read_text()
             assert "bash_rq1/inference_" in text and "lsr/configs/experiment/zero_shot_" in text, path
+
+
+OUR_DOC_PROMPT = "Passage: \"{text}\"\nUse one word to represent the passage in a retrieval task."
+
+
+@pytest.mark.parametrize("path", sorted(p for p in (REPO / "yamls" / "rq1").glob("*.yaml") if p.name != "base.yaml"),
+                         ids=lambda p: p.stem)
+def test_our_method_is_a_second_cfg_over_each_rq1_model(path):
+    """One grid: our next_token method is yamls/zeroshot/next_token*.yaml merged over a yamls/rq1 model yaml, which
+    keeps the model and loses every reference-method setting."""
+    overlay = "next_token_t5" if "t5" in path.stem else "next_token_bert" if "bert" in path.stem else "next_token"
+    ref = load_config(["--cfg", str(path)])
+    cfg = load_config(["--cfg", str(path), "--cfg", str(REPO / "yamls" / "zeroshot" / f"{overlay}.yaml")])
+    zs = cfg.zeroshot
+    assert (cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.dtype) == \
+        (ref.model.name_or_path, ref.model.gguf_file, ref.model.dtype)
+    assert (zs.method, zs.use_chat_template, zs.steps, zs.in_text_only, zs.query_topk, zs.doc_topk) == \
+        ("next_token", True, 1, True, 1000, 128)
+    assert (cfg.encode.quant_scale, cfg.model.max_query_len, cfg.model.max_doc_len) == (0.0, 64, 256)
+    if overlay == "next_token_bert":
+        assert zs.doc_template == OUR_DOC_PROMPT + "\nThe word is: [MASK]." and zs.answer_prefix == ""
+    else:
+        assert zs.doc_template == OUR_DOC_PROMPT + " Make sure your word is in lowercase."
+        assert zs.answer_prefix == ("" if overlay == "next_token_t5" else 'The word is: "')
