@@ -73,7 +73,7 @@ def hf_config(name: str, tiny: bool):
 def make_model_folder(name: str, tiny: bool) -> tuple[Path, object]:
     import transformers
 
-    from tests.tiny import make_tokenizer
+    from lsr_core.tiny import make_tokenizer
 
     cfg = hf_config(name, tiny)
     kind = "encoder" if name == "bert-base" else "decoder"
@@ -157,10 +157,9 @@ def autotuned_tiles() -> dict:
     """The tile each Triton kernel's autotuner chose so far, per key (shapes, rounded)."""
     from lsr_core import attention_kernel, head_kernel
 
-    if head_kernel.triton is None:
-        return {}
-    tuners = {"head": head_kernel._segment_max_matmul, "attention": attention_kernel._packed_attention}
-    return {f"{name} {key}": str(config) for name, tuner in tuners.items() for key, config in tuner.cache.items()}
+    kernels = {"head": head_kernel, "attention": attention_kernel}
+    return {f"{name} {key}": tile for name, kernel in kernels.items() for key, tile in kernel.autotuned_tiles().items()
+            if key != "last"}
 
 
 def set_transport(transport: str) -> None:

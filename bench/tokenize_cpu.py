@@ -25,7 +25,7 @@ from bench.encode_gpu import make_texts, padded_first_host_batch  # noqa: E402
 from lsr_core.config import ModelConfig  # noqa: E402
 from lsr_core.pipeline import to_wire  # noqa: E402
 from lsr_core.modeling import build_model  # noqa: E402
-from tests.tiny import make_model  # noqa: E402
+from lsr_core.tiny import make_model  # noqa: E402
 
 
 def best_rate(fn, batches, n_docs, repeats) -> float:

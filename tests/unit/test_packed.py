@@ -7,7 +7,7 @@ import torch
 from lsr_core import modeling
 from lsr_core.config import ModelConfig
 from lsr_core.modeling import PACKED_POSITION_OFFSET, ModelLoadError, build_model
-from tests.tiny import make_collection, make_model
+from lsr_core.tiny import make_collection, make_model
 
 # lengths 3 to 24 words: each batch pads most of its texts
 TEXTS = ["star planet orbit", "the recipe of the bread with butter and sugar in the kitchen of a castle",
