@@ -55,7 +55,8 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
-from encode import finish, read_input
+from lsr_core.inputs import read_input
+from lsr_core.outputs import finish
 from lsr_core.config import ConfigError, load_config
 from lsr_core.modeling import ModelLoadError, load_backbone, load_tokenizer, sparse_mlm_pool
 from lsr_core.sparse import ShardWriter, id_to_token_list, prune, shard_name, to_vector

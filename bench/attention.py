@@ -78,7 +78,7 @@ def main(argv=None) -> list[dict]:
                 if ref is None:
                     ref_name, ref = name, out.float()
                 ms = timed(lambda: fn(q, k, v, cu, max_len, scale), device, args.warmup, args.repeats)
-            tile = attention_kernel._packed_attention.best_config if name == "ours" and device.type == "cuda" else ""
+            tile = attention_kernel.autotuned_tiles().get("last", "") if name == "ours" and device.type == "cuda" else ""
             rows.append({"length": length, "texts": args.texts, "heads": args.heads, "head_dim": args.head_dim,
                          "system": name, "ms": ms, "tflops": flop / ms / 1e9, "tile": str(tile),
                          f"max_abs_diff_vs_{ref_name}": (out.float() - ref).abs().max().item(),

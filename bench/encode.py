@@ -5,7 +5,7 @@
 Weights: the real SPLADE-tiny (`pkg:cognition/model`). Texts: the first --docs Wikipedia lead sections of
 data/wiki/corpus.jsonl (title + text, as encode.py reads them; run scripts/prepare_wiki.py first), truncated to
 --max-length tokens. Before timing, both encoders' vectors are checked equal on the first 64 texts (max abs diff).
-Ours: `encode.encode_shard` (length-sorted batches, memory-lean head) + `sparse.prune` (what encode.py runs per
+Ours: `pipeline.encode_shard` (length-sorted batches, memory-lean head) + `sparse.prune` (what encode.py runs per
 batch, without the JSON writing). Peer: `SparseEncoder([MLMTransformer, SpladePooling("max")]).encode(...)` with
 the same batch size, returning sparse tensors. The two are timed alternately for --rounds rounds (the machine may be
 shared) and the best round of each is reported, as docs/s and the ratio ours/peer.
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from encode import encode_shard  # noqa: E402
+from lsr_core.pipeline import encode_shard  # noqa: E402
 from lsr_core.config import ModelConfig  # noqa: E402
 from lsr_core.modeling import build_model, resolve_model_path  # noqa: E402
 from lsr_core.sparse import prune  # noqa: E402

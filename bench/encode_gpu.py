@@ -8,7 +8,7 @@ Corpus: random words, lengths uniform in [--min-words, --max-words] (MS MARCO-li
 tokenizer over as many words as the model's vocabulary, so one word = one token. Models are random-initialised at
 the real shape and saved once (bf16): bert-base (BertForMaskedLM, 12 x 768, vocab 30522) and llama1b (Llama-3.2-1B
 shape: hidden 2048, 16 layers, 32 heads / 8 KV heads, intermediate 8192, vocab 128256, tied embeddings).
-  ours: `build_model(..., dtype=bfloat16)` + `encode.encode_shard` (length-sorted batches, tokenise, forward with the
+  ours: `build_model(..., dtype=bfloat16)` + `pipeline.encode_shard` (length-sorted batches, tokenise, forward with the
         sparse MLM head: the fused Triton kernel unless --heads says otherwise), each batch's reps turned into a
         sparse COO tensor on the GPU: first as encode.py runs by
         default (tokenising in the main process, encode.num_workers 0), then with --workers tokenizer workers
@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from encode import encode_shard, from_wire, length_sorted_groups, to_wire, tokenized_batches  # noqa: E402
+from lsr_core.pipeline import encode_shard, from_wire, length_sorted_groups, to_wire, tokenized_batches  # noqa: E402
 from bench.peak import peak_tflops  # noqa: E402
 from bench.train import body_params, profile_step  # noqa: E402
 from lsr_core.config import ModelConfig  # noqa: E402
@@ -73,7 +73,7 @@ def hf_config(name: str, tiny: bool):
 def make_model_folder(name: str, tiny: bool) -> tuple[Path, object]:
     import transformers
 
-    from tests.tiny import make_tokenizer
+    from lsr_core.tiny import make_tokenizer
 
     cfg = hf_config(name, tiny)
     kind = "encoder" if name == "bert-base" else "decoder"
@@ -135,7 +135,7 @@ def shift_bias(backbone, shift: float) -> None:
 
 
 def dict_batches(model, texts: list[str], batch_size: int, workers: int, device):
-    """The host pipeline before `encode.to_wire` (transport "dicts"): each worker hands over a dict of padded
+    """The host pipeline before `pipeline.to_wire` (transport "dicts"): each worker hands over a dict of padded
     tensors (one shared-memory segment each) and the device packs them (`pack_batch` there: synchronisations)."""
     loader = torch.utils.data.DataLoader(
         length_sorted_groups(texts, batch_size), batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
@@ -157,10 +157,9 @@ def autotuned_tiles() -> dict:
     """The tile each Triton kernel's autotuner chose so far, per key (shapes, rounded)."""
     from lsr_core import attention_kernel, head_kernel
 
-    if head_kernel.triton is None:
-        return {}
-    tuners = {"head": head_kernel._segment_max_matmul, "attention": attention_kernel._packed_attention}
-    return {f"{name} {key}": str(config) for name, tuner in tuners.items() for key, config in tuner.cache.items()}
+    kernels = {"head": head_kernel, "attention": attention_kernel}
+    return {f"{name} {key}": tile for name, kernel in kernels.items() for key, tile in kernel.autotuned_tiles().items()
+            if key != "last"}
 
 
 def set_transport(transport: str) -> None:
@@ -370,7 +369,7 @@ def main(argv=None) -> list[dict]:
                         "torch's file_system strategy), wire (the same by file descriptor, torch's default), "
                         "wire-fs-pageable (wire-fs not pinned), wire-fs-padfirst (wire-fs, the workers packing "
                         "the padded batch: before SparseModel._tokenize_packed), dicts (a tensor per field by "
-                        "descriptor, packed on the device: the pipeline before encode.to_wire)")
+                        "descriptor, packed on the device: the pipeline before pipeline.to_wire)")
     parser.add_argument("--threads", default="0", help="comma list of the main process's torch CPU threads to time "
                         "end to end with (torch.set_num_threads; 0 = torch's default, one per core)")
     parser.add_argument("--lookahead", default="1", help="comma list of encode_shard's lookahead to time end to end "

@@ -140,7 +140,7 @@ def main(argv=None):
                     base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
                     ms = timed(lambda: head(feats, weight, bias, mask), device, args.warmup, args.repeats)
                     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else 0.0
-                    tile = head_kernel._segment_max_matmul.best_config \
+                    tile = head_kernel.autotuned_tiles().get("last") \
                         if triton_ok and system in ("triton", "packed") else None
                     rows.append({"shape": name, "tile": str(tile) if tile else "", "hidden": hidden, "vocab": vocab,
                                  "batch": batch, "length": length,

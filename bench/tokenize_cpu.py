@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.encode_gpu import make_texts, padded_first_host_batch  # noqa: E402
 from lsr_core.config import ModelConfig  # noqa: E402
-from encode import to_wire  # noqa: E402
+from lsr_core.pipeline import to_wire  # noqa: E402
 from lsr_core.modeling import build_model  # noqa: E402
-from tests.tiny import make_model  # noqa: E402
+from lsr_core.tiny import make_model  # noqa: E402
 
 
 def best_rate(fn, batches, n_docs, repeats) -> float:

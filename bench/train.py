@@ -207,7 +207,7 @@ def bench_st(args, folder: Path, device, compiled: str) -> dict:
 def bert_vs_st(args, device) -> list[dict]:
     import transformers
 
-    from tests.tiny import make_tokenizer
+    from lsr_core.tiny import make_tokenizer
 
     folder = Path(tempfile.mkdtemp(prefix="bench_bert_"))
     cfg = hf_config("bert-base", args.tiny)
@@ -247,7 +247,7 @@ def bench_decoder(args, device) -> dict:
                        quantization="4bit" if args.mode == "qlora" else "none", lora_dropout=args.lora_dropout)
     if args.mode == "qlora":
         # bitsandbytes quantises while loading: write the random model once, then load it as the toolkit does
-        from tests.tiny import make_tokenizer
+        from lsr_core.tiny import make_tokenizer
 
         folder = Path(tempfile.mkdtemp(prefix="bench_llama_"))
         backbone = build_decoder(args, device)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from lsr_core.config import ModelConfig  # noqa: E402
 from lsr_core.modeling import build_model  # noqa: E402
-from tests.tiny import make_collection, make_tokenizer  # noqa: E402
+from lsr_core.tiny import make_collection, make_tokenizer  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU only to try the script out (--layers 1)
 VARIANTS = {"zero3": ["--train.deepspeed=yamls/ds/zero3.json"],

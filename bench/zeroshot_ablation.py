@@ -14,6 +14,7 @@ Runs go to runs/zs-abl/runs/<prompt>-intext_<on>-k<k>.trec.
 """
 import json
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -39,11 +40,9 @@ def make_subset(out=Path("data/wiki_zs"), n_queries=200, n_docs=500):
 
 
 def make_cells(prompts):
-    import index
-    import search
     import zeroshot_prompt as zsp
-    from encode import read_input
     from lsr_core.config import load_config
+    from lsr_core.inputs import read_input
     from lsr_core.modeling import load_tokenizer
     from lsr_core.sparse import (ShardWriter, id_to_token_list, load_vectors, nnz_stats, read_meta, shard_name,
                                  write_meta)
@@ -80,9 +79,11 @@ def make_cells(prompts):
                 write_meta(out / "encode/corpus", {**read_meta(ROOT / f"{prompt}-intext_false/encode/corpus"),
                                                    "shards": 1, "topk": k, **nnz_stats(stats["nnz"])})
                 base = [f"--exp.output_dir={out}", f"--exp.name={name}", "--index.engine=exact"]
-                index.main(base)
-                search.main(base + [f"--search.queries={ROOT / f'{prompt}-intext_{intext}/encode/queries'}",
-                                    "--search.latency_sample=0", f"--search.output={ROOT / 'runs' / (name + '.trec')}"])
+                subprocess.run([sys.executable, "index.py", *base], check=True)
+                subprocess.run([sys.executable, "search.py", *base,
+                                f"--search.queries={ROOT / f'{prompt}-intext_{intext}/encode/queries'}",
+                                "--search.latency_sample=0", f"--search.output={ROOT / 'runs' / (name + '.trec')}"],
+                               check=True)
 
 
 if __name__ == "__main__":

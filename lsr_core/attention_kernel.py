@@ -100,3 +100,14 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq_l
 @packed_attention.register_fake
 def _(q, k, v, cu_seq_lens, max_length, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def autotuned_tiles() -> dict[str, str]:
+    """The tile the kernel's autotuner chose per key (shapes, rounded) so far, and under "last" the tile of the latest
+    call: what bench/ reports beside a timing. Empty without triton or before the first call on CUDA."""
+    if triton is None:
+        return {}
+    tiles = {str(key): str(config) for key, config in _packed_attention.cache.items()}
+    if getattr(_packed_attention, "best_config", None) is not None:
+        tiles["last"] = str(_packed_attention.best_config)
+    return tiles

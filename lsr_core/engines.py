@@ -14,155 +14,24 @@ Folder layout: engine.json (engine name, build params, and the numbers of docs, 
 ids.json, vocab.json, and the engine's own files: exact docs.npz | qdrant-edge qdrant/ | seismic index.index.seismic |
 milvus milvus.db (milvus-lite) or a cluster URI. `load` turns a missing or corrupt file, or one that holds another
 number of docs than engine.json records, into an InputError naming it.
+
+The `Engine` interface and what every engine shares are in lsr_core/engine_base.py; a new engine is a subclass here
+and an entry in `ENGINES` (its build/search params: `<prefix>_<key>` fields of the index and search config sections).
 """
 from __future__ import annotations
 
 import logging
 import warnings
 import zipfile
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 
-from lsr_core.sparse import to_csr
-from lsr_core.utils import InputError, atomic_write_json, read_json
-
-REBUILD = "rebuild it with index.py"
+from lsr_core.engine_base import REBUILD, Engine, EngineUnavailable, one_line, parallel_rows, read_info
+from lsr_core.utils import InputError
 
 logger = logging.getLogger(__name__)
-
-
-def _as_csr(vectors, vocab: dict[str, int] | None):
-    """Dicts or a CSR matrix -> (CSR float32 with sorted column ids and no stored zeros, vocab)."""
-    if sp.issparse(vectors):
-        mat = sp.csr_matrix(vectors, dtype=np.float32)
-        if vocab is None:
-            vocab = {str(j): j for j in range(mat.shape[1])}
-        elif mat.shape[1] > len(vocab):  # query columns the documents never used
-            mat = mat[:, :len(vocab)]
-    else:
-        mat, vocab = to_csr(vectors, vocab)
-    mat = mat.tocsr().copy()
-    mat.data[mat.data < 0] = 0  # sparse vectors are non-negative; negative weights cannot come from our encoders
-    mat.eliminate_zeros()
-    mat.sort_indices()
-    return mat, vocab
-
-
-class EngineUnavailable(RuntimeError):
-    """The engine's server cannot start or be reached (not a fault of the index files)."""
-
-
-def _chunks(n: int, parts: int) -> list[np.ndarray]:
-    return [c for c in np.array_split(np.arange(n), max(1, min(parts, n))) if len(c)]
-
-
-def _parallel(fn, n: int, threads: int) -> list:
-    """fn(row_numbers) -> list per row; run over `threads` contiguous chunks and concatenate in order."""
-    chunks = _chunks(n, threads)
-    if len(chunks) == 1:
-        return fn(chunks[0])
-    with ThreadPoolExecutor(len(chunks)) as pool:
-        return [hit for part in pool.map(fn, chunks) for hit in part]
-
-
-class Engine:
-    """Base: vocab, docid mapping, query validation and result ordering. Subclasses implement `_build`, `_open`,
-    `_stored` and `_search(queries CSR [n, vocab], topk, threads) -> [[(doc_number, score), ...]]`."""
-
-    name = ""
-    marker = ""  # a file or folder that exists once the index is built
-
-    def __init__(self, params: dict | None = None):
-        self.params = dict(params or {})
-        self.doc_ids: list[str] = []
-        self.vocab: dict[str, int] = {}
-        self.empty_queries = 0
-
-    def build(self, doc_ids: list[str], doc_vectors, folder: str | Path) -> "Engine":
-        n_vectors = doc_vectors.shape[0] if sp.issparse(doc_vectors) else len(doc_vectors)
-        if len(doc_ids) != n_vectors:
-            raise InputError(f"{len(doc_ids)} doc ids for {n_vectors} vectors")
-        dup = next((d for d, n in Counter(doc_ids).items() if n > 1), None)
-        if dup is not None:
-            raise InputError(f"duplicate doc id '{dup}'")
-        docs, self.vocab = _as_csr(doc_vectors, None)
-        order = sorted(range(len(doc_ids)), key=doc_ids.__getitem__)  # doc number order == docid order
-        self.doc_ids = [doc_ids[i] for i in order]
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self._build(docs[order], folder)
-        atomic_write_json(folder / "ids.json", self.doc_ids)
-        tokens = [""] * len(self.vocab)
-        for tok, col in self.vocab.items():
-            tokens[col] = tok
-        atomic_write_json(folder / "vocab.json", tokens)
-        # the counts let `open` notice files that lost documents yet still load
-        atomic_write_json(folder / "engine.json", {"engine": self.name, "params": self.params,
-                                                   "docs": len(self.doc_ids), "vocab": len(self.vocab),
-                                                   "stored": self._stored()})
-        return self
-
-    def open(self, folder: str | Path) -> "Engine":
-        folder = Path(folder)
-        info = load_info(folder)
-        self.doc_ids = _read_strings(folder / "ids.json")
-        self.vocab = {tok: col for col, tok in enumerate(_read_strings(folder / "vocab.json"))}
-        for key, have in (("docs", len(self.doc_ids)), ("vocab", len(self.vocab))):
-            if key in info and info[key] != have:
-                name = "ids.json" if key == "docs" else "vocab.json"
-                raise InputError(f"{folder / name}: {have} entries, engine.json records {info[key]}; {REBUILD}")
-        data = self.data_path(folder)
-        try:
-            self._open(folder)
-            stored = self._stored()
-        except (KeyboardInterrupt, SystemExit, InputError, EngineUnavailable):
-            raise
-        except BaseException as err:  # pyo3 engines raise PanicException (a BaseException) on some corrupt files
-            raise InputError(f"{data}: corrupt index file ({_one_line(err)}); {REBUILD}") from None
-        if "stored" in info and stored != info["stored"]:
-            raise InputError(f"{data}: holds {stored} vectors, engine.json records {info['stored']}; {REBUILD}")
-        return self
-
-    def data_path(self, folder: Path) -> str:
-        """Where the engine keeps its own data, for messages."""
-        return str(folder / self.marker)
-
-    def search(self, query_vectors, topk: int, threads: int = 1) -> list[list[tuple[str, float]]]:
-        if topk <= 0 or threads <= 0:
-            raise ValueError(f"topk and threads must be > 0, got {topk}, {threads}")
-        queries, _ = _as_csr(query_vectors, self.vocab)
-        nonempty = np.flatnonzero(np.diff(queries.indptr))
-        self.empty_queries = queries.shape[0] - len(nonempty)
-        if self.empty_queries:
-            logger.warning("%d of %d queries have no token known to the index: no results for them",
-                           self.empty_queries, queries.shape[0])
-        run: list[list[tuple[str, float]]] = [[] for _ in range(queries.shape[0])]
-        if len(nonempty):
-            hits = self._search(queries[nonempty], topk, threads)
-            for row, row_hits in zip(nonempty, hits):
-                row_hits = sorted(((float(s), int(d)) for d, s in row_hits), key=lambda h: (-h[0], h[1]))[:topk]
-                run[row] = [(self.doc_ids[d], s) for s, d in row_hits]
-        return run
-
-    def close(self) -> None:
-        """Release files and servers (call before moving the index folder)."""
-
-    def _build(self, docs, folder: Path) -> None:
-        raise NotImplementedError
-
-    def _open(self, folder: Path) -> None:
-        raise NotImplementedError
-
-    def _stored(self) -> int:
-        """Number of vectors the engine's own data holds (qdrant-edge and milvus leave empty documents out)."""
-        raise NotImplementedError
-
-    def _search(self, queries, topk: int, threads: int) -> list:
-        raise NotImplementedError
 
 
 class ExactEngine(Engine):
@@ -194,7 +63,7 @@ class ExactEngine(Engine):
                          for a, b in zip(scores.indptr[:-1], scores.indptr[1:])]
             return hits
 
-        return _parallel(score, queries.shape[0], threads)
+        return parallel_rows(score, queries.shape[0], threads)
 
     @staticmethod
     def _topk(docs: np.ndarray, scores: np.ndarray, topk: int):
@@ -253,7 +122,7 @@ class QdrantEdgeEngine(Engine):
             batch = self.shard.query_batch(qe.QueryBatchRequest([request(r) for r in rows]))
             return [[(p.id, p.score) for p in points] for points in batch]
 
-        return _parallel(run, queries.shape[0], threads)
+        return parallel_rows(run, queries.shape[0], threads)
 
     def close(self):
         if getattr(self, "shard", None) is not None:
@@ -370,7 +239,7 @@ class MilvusEngine(Engine):
             try:
                 self._connect(folder)
             except EngineUnavailable as err:  # the server starts, or not, from this file: it cannot tell us why
-                raise InputError(f"{lite}: milvus-lite cannot open it ({_one_line(err.__cause__ or err)}): a corrupt "
+                raise InputError(f"{lite}: milvus-lite cannot open it ({one_line(err.__cause__ or err)}): a corrupt "
                                  f"index file, or milvus-lite cannot run on this machine; {REBUILD}") from None
         if not self.client.has_collection(self.collection):
             raise InputError(f"index not found: {folder} (milvus collection '{self.collection}' is missing)")
@@ -391,7 +260,7 @@ class MilvusEngine(Engine):
                                          search_params={"metric_type": "IP"}, output_fields=[])
             return [[(hit["id"], hit["distance"]) for hit in hits] for hits in results]
 
-        return _parallel(run, queries.shape[0], threads)
+        return parallel_rows(run, queries.shape[0], threads)
 
     def close(self):
         if getattr(self, "client", None) is None:
@@ -430,30 +299,9 @@ def build(engine: str, doc_ids: list[str], doc_vectors, folder: str | Path, para
     return engine_class(engine)(params).build(doc_ids, doc_vectors, folder)
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())[:300] or type(err).__name__
-
-
-def _read_strings(path: Path) -> list[str]:
-    """ids.json / vocab.json: a JSON list of strings."""
-    value = read_json(path, REBUILD)
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise InputError(f"{path}: corrupt index file (expected a JSON list of strings); {REBUILD}")
-    return value
-
-
 def load_info(folder: str | Path) -> dict:
-    """engine.json of an index folder: {"engine": name, "params": build params, "docs", "vocab", "stored": counts}
-    (indexes built before the counts existed lack them)."""
-    path = Path(folder) / "engine.json"
-    if not path.is_file():
-        raise InputError(f"index not found: {folder} (run index.py first)")
-    info = read_json(path, REBUILD)
-    if not isinstance(info, dict) or not isinstance(info.get("params"), dict) or info.get("engine") not in ENGINES:
-        engine = info.get("engine") if isinstance(info, dict) else None
-        raise InputError(f"{path}: corrupt index file (expected {{'engine': one of {sorted(ENGINES)}, "
-                         f"'params': {{...}}}}, got engine {engine!r}); {REBUILD}")
-    return info
+    """engine.json of an index folder, its engine one of `ENGINES` (`engine_base.read_info`)."""
+    return read_info(folder, ENGINES)
 
 
 def load(folder: str | Path, engine: str = "", params: dict | None = None) -> Engine:

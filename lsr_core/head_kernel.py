@@ -166,3 +166,14 @@ def segment_max_matmul(feats: torch.Tensor, weight: torch.Tensor, text: torch.Te
     # launches leave `out` right, as a max is idempotent
     _segment_max_matmul[grid](*args)
     return out
+
+
+def autotuned_tiles() -> dict[str, str]:
+    """The tile the kernel's autotuner chose per key (shapes, rounded) so far, and under "last" the tile of the latest
+    call: what bench/ reports beside a timing. Empty without triton or before the first call on CUDA."""
+    if triton is None:
+        return {}
+    tiles = {str(key): str(config) for key, config in _segment_max_matmul.cache.items()}
+    if getattr(_segment_max_matmul, "best_config", None) is not None:
+        tiles["last"] = str(_segment_max_matmul.best_config)
+    return tiles

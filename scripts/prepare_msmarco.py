@@ -7,7 +7,7 @@
         [--queries-dl19 F --qrels-dl19 F --queries-dl20 F --qrels-dl20 F]                  # from local files
     python scripts/prepare_msmarco.py --out data/msmarco --ce-scores cross-encoder-ms-marco-MiniLM-L-6-v2-scores.pkl.gz \\
         --trust-pickle [--rankllama-scores rankllama.json.gz] [--hard-negatives bm25.train.trec]
-    python scripts/prepare_msmarco.py --out DIR --tiny [--tiny-models DIR2]             # CI fixture (tests/tiny.py)
+    python scripts/prepare_msmarco.py --out DIR --tiny [--tiny-models DIR2]             # CI fixture (lsr_core/tiny.py)
     python scripts/prepare_msmarco.py --out data/msmarco --verify                        # re-hash every file
 
 Sources: `ir_datasets` ids msmarco-passage (collection), msmarco-passage/train, msmarco-passage/dev/small,
@@ -178,14 +178,13 @@ def local_qrels(path: str):
 
 
 def tiny_fixture(out: Path, models: Path | None, write_data: bool = True) -> None:
-    """An MS MARCO-shaped set from tests/tiny.py's collection (48 docs, 8 topics x 6): queries i<4 of each topic
+    """An MS MARCO-shaped set from lsr_core/tiny.py's collection (48 docs, 8 topics x 6): queries i<4 of each topic
     train, i>=4 dev; dl19/dl20 = the dev queries of topics 0-3 / 4-7 under new ids with graded qrels (3 = the known
     item, 1 = the other documents of its topic); teacher scores = word overlap + 5 for the positive + noise, over the
     positive and 7 other documents."""
     import tempfile
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    import tiny
+    from lsr_core import tiny
 
     with tempfile.TemporaryDirectory() as src:
         coll = tiny.make_collection(src)
@@ -248,7 +247,7 @@ def make_tiny_cross_encoder(folder: Path, tiny, words: list[str]) -> Path:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="data/msmarco")
-    p.add_argument("--tiny", action="store_true", help="build the CI fixture from tests/tiny.py instead")
+    p.add_argument("--tiny", action="store_true", help="build the CI fixture from lsr_core/tiny.py instead")
     p.add_argument("--tiny-models", default="", help="with --tiny: also save tiny random models into this folder")
     p.add_argument("--collection")
     for split in ("train", *EVAL_SETS):
@@ -278,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
         if todo or args.tiny_models:
             tiny_fixture(out, Path(args.tiny_models) if args.tiny_models else None, write_data=todo)
         for name in names if todo else ():
-            manifest.record(name, "tests/tiny.py")
+            manifest.record(name, "lsr_core/tiny.py")
     else:
         plan = [("collection.tsv", args.collection, lambda f: read_texts(f, allow_empty=True),
                  lambda: irds_source("collection", "docs"), write_texts)]

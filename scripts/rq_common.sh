@@ -5,7 +5,7 @@
 # index -> search), evaluates every run on every query set and prints the table (scripts/tables.py).
 #
 # Options:
-#   --tiny          CI mode: tiny random models of the same architecture family (tests/tiny.py: bert, t5, opt, llama)
+#   --tiny          CI mode: tiny random models of the same architecture family (lsr_core/tiny.py: bert, t5, opt, llama)
 #                   and the tiny MS MARCO-shaped fixture (scripts/prepare_msmarco.py --tiny), 2 training steps,
 #                   exact engine; the table is produced all the same (its numbers mean nothing)
 #   --wiki          the offline Wikipedia known-item collection (scripts/prepare_wiki.py) with the real small models

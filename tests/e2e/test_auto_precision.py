@@ -17,7 +17,7 @@ import encode
 from lsr_core.config import load_config
 from lsr_core.sparse import load_vectors, read_meta
 from lsr_core.utils import native_bf16
-from tiny import make_collection, make_model
+from lsr_core.tiny import make_collection, make_model
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.precision

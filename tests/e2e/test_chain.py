@@ -16,7 +16,7 @@ import search
 import train
 from lsr_core.sparse import load_vectors, read_meta
 from lsr_core.utils import InputError
-from tiny import make_collection, make_model
+from lsr_core.tiny import make_collection, make_model
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINES = ["exact", "qdrant-edge", "seismic", "milvus"]

@@ -22,7 +22,7 @@ from lsr_core.config import ConfigError, ModelConfig, save_config, load_config
 from lsr_core.modeling import build_model, load_tokenizer
 from lsr_core.sparse import id_to_token_list, load_vectors, read_meta, vocab_hash
 from lsr_core.utils import InputError
-from tests.tiny import make_collection, make_model
+from lsr_core.tiny import make_collection, make_model
 from tests.unit.test_modeling import splade_tiny_folder
 
 ROOT = Path(__file__).resolve().parents[2]

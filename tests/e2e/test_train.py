@@ -14,7 +14,7 @@ import train
 from lsr_core.config import ConfigError, ModelConfig, load_config
 from lsr_core.modeling import ModelLoadError, build_model
 from lsr_core.utils import InputError
-from tests.tiny import make_collection, make_model
+from lsr_core.tiny import make_collection, make_model
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_YAMLS = ROOT / "yamls" / "tiny"

@@ -21,7 +21,7 @@ import torch
 import train
 from lsr_core.config import ModelConfig
 from lsr_core.modeling import build_model
-from tests.tiny import make_collection, make_model
+from lsr_core.tiny import make_collection, make_model
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXTS = ["star planet astronomy", "recipe bake cooking", "football goal team match league"]

@@ -15,7 +15,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 import train
 from lsr_core.utils import InputError
 from tests.e2e.test_train import argv, logged
-from tests.tiny import make_collection, make_model
+from lsr_core.tiny import make_collection, make_model
 
 FP32 = ["--model.dtype=float32", '--train.mixed_precision="no"']  # YAML reads a bare no as false
 

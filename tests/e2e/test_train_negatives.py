@@ -9,7 +9,7 @@ import pytest
 import train
 from lsr_core.data import collate as real_collate
 from tests.e2e.test_train import assert_same_weights, logged
-from tests.tiny import make_collection, make_model
+from lsr_core.tiny import make_collection, make_model
 
 ROOT = Path(__file__).resolve().parents[2]
 N_QUERIES, N_CANDIDATES = 8, 10

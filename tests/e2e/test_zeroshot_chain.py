@@ -12,7 +12,7 @@ import index
 import search
 import zeroshot_prompt
 from lsr_core.sparse import load_vectors, read_meta
-from tests.tiny import make_collection, make_model
+from lsr_core.tiny import make_collection, make_model
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 from lsr_core import head_kernel
 from lsr_core.config import ModelConfig
 from lsr_core.modeling import _max_pool_inference, build_model
-from tests.tiny import make_collection, make_model
+from lsr_core.tiny import make_collection, make_model
 
 pytest.importorskip("triton")
 interpreted = pytest.mark.skipif(not head_kernel.INTERPRET, reason="runs in Triton's interpreter (CPU machines)")

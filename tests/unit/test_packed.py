@@ -7,7 +7,7 @@ import torch
 from lsr_core import modeling
 from lsr_core.config import ModelConfig
 from lsr_core.modeling import PACKED_POSITION_OFFSET, ModelLoadError, build_model
-from tests.tiny import make_collection, make_model
+from lsr_core.tiny import make_collection, make_model
 
 # lengths 3 to 24 words: each batch pads most of its texts
 TEXTS = ["star planet orbit", "the recipe of the bread with butter and sugar in the kitchen of a castle",
@@ -100,7 +100,7 @@ class _Count:
 def test_texts_packed_on_the_host_give_the_padded_vectors(tiny, packed_calls, workers):
     """encode_shard packs in the tokenizer worker (`host_batch`), hands over one tensor (`to_wire`) and the model
     runs it as packed; the vectors, in input order, are the padded batch's."""
-    from encode import encode_shard, from_wire, to_wire
+    from lsr_core.pipeline import encode_shard, from_wire, to_wire
 
     _, padded = encode(tiny["bert"], TEXTS, packed="false")
     model = build_model(ModelConfig(name_or_path=tiny["bert"], packed="true")).eval()
@@ -123,7 +123,7 @@ def test_texts_packed_on_the_host_give_the_padded_vectors(tiny, packed_calls, wo
 def test_encode_shard_queues_the_next_batches_before_yielding_one(tiny, lookahead):
     """With `lookahead` n, when the caller gets a batch the model has already been given the next n (a GPU works on
     them while the caller syncs on the first), and every batch still comes once, in order, with the padded vectors."""
-    from encode import encode_shard
+    from lsr_core.pipeline import encode_shard
 
     _, padded = encode(tiny["bert"], TEXTS, packed="false")
     model = build_model(ModelConfig(name_or_path=tiny["bert"], packed="true")).eval()
@@ -143,7 +143,7 @@ def test_encode_shard_queues_the_next_batches_before_yielding_one(tiny, lookahea
 def test_the_callers_work_on_a_batch_does_not_wait_for_the_batches_queued_after_it(tiny):
     """encode_shard hands each batch over on a side stream: the caller's work on batch 0 (here a sum, then a wait for
     it) finishes while batch 1, queued ahead on the model's stream with a long sleep in it, is still running."""
-    from encode import encode_shard
+    from lsr_core.pipeline import encode_shard
 
     model = build_model(ModelConfig(name_or_path=tiny["bert"], dtype="bfloat16")).eval().to("cuda")
     for _, reps in encode_shard(model, TEXTS, False, 2, _Count(), lookahead=1):
@@ -241,7 +241,7 @@ def test_packed_varlen_flash_attention_on_cuda(tiny, packed_calls):
     assert not packed_calls
     packed = run(packed="auto", dtype="bfloat16")
     assert packed_calls
-    from encode import encode_shard  # packed in the tokenizer workers, no synchronisation: the same vectors
+    from lsr_core.pipeline import encode_shard  # packed in the tokenizer workers, no synchronisation: the same vectors
     model = build_model(ModelConfig(name_or_path=tiny["bert"], packed="auto", dtype="bfloat16")).eval().to("cuda")
     shard = torch.zeros_like(packed)
     for positions, reps in encode_shard(model, TEXTS * 40, False, 64, _Count(), workers=2):

@@ -239,7 +239,7 @@ class FakeTable(list):
     ([{"id": "d1", "text": "a"}, {"id": "d1", "text": "b"}], "t.parquet: row 2: duplicate id 'd1'"),
 ])
 def test_encode_input_rows_from_a_table_are_checked_like_lines(monkeypatch, rows, message):
-    from encode import read_input
+    from lsr_core.inputs import read_input
 
     fake_module(monkeypatch, "datasets", load_dataset=lambda kind, data_files, split: FakeTable(rows))
     with pytest.raises(InputError, match=f"^{message}"):
@@ -247,7 +247,7 @@ def test_encode_input_rows_from_a_table_are_checked_like_lines(monkeypatch, rows
 
 
 def test_encode_input_from_ir_datasets_is_checked_and_read(monkeypatch):
-    from encode import read_input
+    from lsr_core.inputs import read_input
 
     queries = [types.SimpleNamespace(query_id="1", text="a"), types.SimpleNamespace(query_id="2\t", text="b")]
     fake_module(monkeypatch, "ir_datasets", load=lambda name: types.SimpleNamespace(queries_iter=lambda: queries))

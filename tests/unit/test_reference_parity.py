@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from lsr_core.config import ModelConfig
 from lsr_core.modeling import build_model, new_mlp_head
-from tests.tiny import make_collection, make_model, make_tokenizer
+from lsr_core.tiny import make_collection, make_model, make_tokenizer
 
 # different lengths, repeated words (MLP merges), the longest text last
 TEXTS = ["star star planet", "music", "the recipe of the bread with butter and sugar and the bread in the kitchen"]

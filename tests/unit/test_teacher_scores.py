@@ -16,7 +16,7 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import prepare_msmarco  # noqa: E402
 import teacher_scores  # noqa: E402
-from tests import tiny  # noqa: E402
+from lsr_core import tiny  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from lsr_core.config import load_config
 from lsr_core.modeling import load_backbone, load_tokenizer, resolve_model_path
 from lsr_core.sparse import load_vectors
 from lsr_core.stopwords import ENGLISH_STOPWORDS, NLTK_ENGLISH_STOPWORDS
-from tests.tiny import make_collection, make_model
+from lsr_core.tiny import make_collection, make_model
 
 DOCS = ["star planet orbit telescope galaxy comet", "the recipe for bread needs flour and butter",
         "goal", "the guitar melody of the band was in the album"]

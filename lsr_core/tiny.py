@@ -1,4 +1,5 @@
-"""Tiny random models and a tiny collection, built in a folder, so tests run offline in seconds.
+"""Tiny random models and a tiny collection, built in a folder, so tests run offline in seconds (tests/, and bench/
+and scripts/prepare_msmarco.py --tiny, which is why they live here and not in tests/).
 
 Tokenizers are trained here (word-level, ~300 entries) on the collection's own words, with the special tokens each
 kind expects: [CLS]/[SEP] for encoders, <s> BOS for decoders, </s> EOS for T5.

@@ -1,0 +1,148 @@
+"""encode.py's output folder: shard planning (`unfinished`), the settings its shards are made with (`encode_settings`,
+`claim_output`: a rerun with other settings is refused), per-shard counts, and `finish` (checks every shard, writes
+meta.json and config.yaml, prints the summary line; zeroshot_prompt.py's output too)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from lsr_core.config import config_hash, save_config
+from lsr_core.inputs import local_path
+from lsr_core.modeling import RUNTIME_FIELDS
+from lsr_core.sparse import (SHARD_PATTERN, flops_estimate, load_vectors, nnz_stats, read_vectors, shard_name,
+                             vocab_hash, write_meta)
+from lsr_core.utils import InputError, atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+
+STATE = ".encode"  # in an output folder: settings.json (what its shards are made with) and part-NNNNN.json (counts
+#                    per shard, written just before the shard, so that a resumed run still reports every shard)
+
+
+def counts_path(out: Path, shard: int) -> Path:
+    return out / STATE / shard_name(shard).replace(".jsonl.gz", ".json")
+
+
+def unfinished(out: Path, n_shards: int, accelerator) -> list[int]:
+    """This process's shards (one in every `num_processes`) that do not exist yet."""
+    return [s for s in range(accelerator.process_index, n_shards, accelerator.num_processes)
+            if not (out / shard_name(s)).is_file()]
+
+
+def encode_settings(cfg, model, vocab: list[str], texts: int, per_shard: int, max_length: int) -> dict:
+    """What the vectors of an output folder depend on; a rerun over shards made with other settings is refused.
+    Of the model: its (absolute) path, vocabulary, weights' precision and what `lsr_config.json` would record (not
+    how a run computes it, nor the other kind's max length)."""
+    skip = set(RUNTIME_FIELDS) | {"max_query_len", "max_doc_len"}
+    spec = {k: v for k, v in dataclasses.asdict(model.spec).items() if k not in skip}
+    enc = cfg.encode
+    settings = {"model": cfg.model.name_or_path, "vocab_hash": vocab_hash(vocab), "dtype": cfg.model.dtype,
+                "quantization": cfg.model.quantization, "spec": spec, "max_length": max_length, "kind": enc.kind,
+                "input": local_path(enc.input), "texts": texts, "shard_size": per_shard, "topk": enc.topk,
+                "threshold": enc.threshold, "scale": enc.quant_scale}
+    return json.loads(json.dumps(settings))  # as it reads back from the file
+
+
+def claim_output(accelerator, out: Path, settings: dict, overwrite: bool) -> None:
+    """Make `out` a folder of shards made with `settings`: shards made otherwise, or of unknown origin, are refused
+    (every process checks) unless `overwrite`, which removes them, meta.json and the shard counts first (the main
+    process); then the main process records `settings`."""
+    shards = sorted(out.glob(SHARD_PATTERN))
+    recorded = out / STATE / "settings.json"
+    if shards and not overwrite:
+        how = "set encode.overwrite=true to replace them, or choose another encode.output"
+        if not recorded.is_file():
+            raise InputError(f"{out}: holds {len(shards)} shard(s) but no {STATE}/settings.json saying how they were "
+                             f"made (by zeroshot_prompt.py, or an older encode.py): {how}")
+        try:
+            before = json.loads(recorded.read_text())
+        except (OSError, ValueError) as err:
+            raise InputError(f"{recorded}: unreadable ({err}): {how}") from None
+        before = _flat(before)
+        changed = [f"{key} {before.get(key)!r} -> {now!r}" for key, now in _flat(settings).items()
+                   if before.get(key) != now]
+        if changed:
+            raise InputError(f"{out}: holds {len(shards)} shard(s) encoded with other settings "
+                             f"({'; '.join(changed)}): {how}")
+    accelerator.wait_for_everyone()  # every process has checked before the folder changes
+    if accelerator.is_main_process:
+        if overwrite:
+            for path in [*shards, out / "meta.json"]:
+                path.unlink(missing_ok=True)
+            shutil.rmtree(out / STATE, ignore_errors=True)
+            if shards:
+                logger.warning(f"encode.overwrite: removed {len(shards)} shard(s) and meta.json from {out}")
+        recorded.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(recorded, settings)
+    accelerator.wait_for_everyone()
+
+
+def _flat(settings: dict) -> dict:
+    """{"spec": {"pooling": ...}} -> {"spec.pooling": ...}: one entry per setting, for the error message."""
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{sub}": v for sub, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def shard_counts(out: Path, n_shards: int, key: str) -> int | None:
+    """The sum of one per-shard count over every shard (None when a shard's counts are missing)."""
+    total = 0
+    for shard in range(n_shards):
+        try:
+            total += json.loads(counts_path(out, shard).read_text())[key]
+        except (OSError, ValueError, KeyError):
+            return None
+    return total
+
+
+def finish(cfg, out: Path, ids: list[str], n_shards: int, is_query: bool, vocab_size: int, todo: int,
+           elapsed: float, hash_sections=("model",), label: str = "encoded", note: str = "",
+           vocab: list[str] | None = None, truncated: int | None = None, max_length: int | None = None) -> dict:
+    """Main process, once every shard exists (encode.py, zeroshot_prompt.py): check the shards, write meta.json and
+    config.yaml next to them, print one summary line. `vocab` gives meta.json its `vocab_hash`; `truncated` (None:
+    not counted) is how many texts were cut at `max_length` tokens."""
+    meta = summarize(cfg, out, ids, n_shards, is_query, vocab_size)
+    meta["config_hash"] = config_hash(cfg, hash_sections)
+    meta["vocab_hash"] = vocab_hash(vocab) if vocab is not None else None
+    meta["truncated"], meta["max_length"] = truncated, max_length
+    meta["seconds_last_run"] = round(elapsed, 2)
+    write_meta(out, meta)
+    save_config(cfg, out)
+    rate = todo / elapsed if elapsed > 0 else 0.0
+    if truncated:
+        logger.warning(f"{truncated} of {meta['count']} texts are longer than {max_length} tokens and were cut there: "
+                       f"raise encode.max_length to encode them whole")
+    cut = f", truncated {truncated} (max {max_length} tokens)" if truncated is not None else ""
+    flops = f", FLOPs {meta['flops']:.2f}" if meta.get("flops") is not None else ""
+    print(f"{label} {meta['count']} {'queries' if is_query else 'docs'} ({todo} this run, {rate:.2f}/s{note}) with "
+          f"{meta['model']} into {out}: nnz mean {meta['nnz_mean']:.1f}, p99 {meta['nnz_p99']:.0f}, "
+          f"empty {meta['empty']}{cut}{flops}")
+    return meta
+
+
+def summarize(cfg, out: Path, ids: list[str], n_shards: int, is_query: bool, vocab_size: int) -> dict:
+    """Check the shards hold every id exactly once and gather the stats for meta.json."""
+    expected = set(ids)
+    shard_ids, vectors = load_vectors(out)  # raises on duplicates across shards
+    if set(shard_ids) != expected or len(list(out.glob("part-*.jsonl.gz"))) != n_shards:
+        missing = len(expected - set(shard_ids))
+        raise InputError(f"{out}: shards do not match the input ({missing} ids missing, {len(shard_ids)} written); "
+                         f"the folder holds output of another input or shard size: remove it and re-run")
+    stats = nnz_stats([len(v) for v in vectors])
+    meta = {"model": cfg.model.name_or_path, "kind": cfg.encode.kind,
+            "input": cfg.encode.input, "vocab_size": vocab_size, "shards": n_shards, **stats,
+            "topk": cfg.encode.topk, "threshold": cfg.encode.threshold, "scale": cfg.encode.quant_scale}
+    if is_query:
+        docs = Path(cfg.encode.flops_docs) if cfg.encode.flops_docs else out.parent / "corpus"
+        if (docs / "meta.json").is_file():
+            meta["flops"] = flops_estimate([v for _, v in read_vectors(docs)], vectors)
+            meta["flops_docs"] = str(docs)
+    return meta
