@@ -37,8 +37,9 @@ from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
 from lsr_core.config import ConfigError, config_hash, load_config, save_config
-from lsr_core.modeling import RUNTIME_FIELDS, ModelLoadError, build_model
-from lsr_core.modeling import resolve_model_path as package_path
+from lsr_core.backbones import ModelLoadError
+from lsr_core.backbones import resolve_model_path as package_path
+from lsr_core.modeling import RUNTIME_FIELDS, build_model
 from lsr_core.sparse import (SHARD_PATTERN, ShardWriter, VectorWriters, flops_estimate, id_to_token_list,
                              load_vectors, nnz_stats, prune, read_vectors, shard_name, vocab_hash, write_meta)
 from lsr_core.utils import InputError, accelerator_kwargs, atomic_write_json, check_id, read_texts, run_script

@@ -46,7 +46,8 @@ from encode import encode_shard, from_wire, length_sorted_groups, to_wire, token
 from bench.peak import peak_tflops  # noqa: E402
 from bench.train import body_params, profile_step  # noqa: E402
 from lsr_core.config import ModelConfig  # noqa: E402
-from lsr_core.modeling import build_model, pack_batch  # noqa: E402
+from lsr_core.modeling import build_model  # noqa: E402
+from lsr_core.packing import pack_batch  # noqa: E402
 
 
 class _NoProgress:

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from lsr_core.config import ModelConfig
-from lsr_core.modeling import ModelLoadError, build_model, calibrate_logit_shift, naive_mlm_pool, sparse_mlm_pool
+from lsr_core.backbones import ModelLoadError
+from lsr_core.heads import naive_mlm_pool, sparse_mlm_pool
+from lsr_core.modeling import build_model, calibrate_logit_shift
 from tests.tiny import make_collection, make_model
 
 TEXTS = ["star planet orbit", "the recipe of the bread with butter and sugar in the kitchen of a castle"]

@@ -10,7 +10,7 @@ import torch
 
 import zeroshot_prompt as zsp
 from lsr_core.config import load_config
-from lsr_core.modeling import load_backbone, load_tokenizer, resolve_model_path
+from lsr_core.backbones import load_backbone, load_tokenizer, resolve_model_path
 from lsr_core.sparse import load_vectors
 from lsr_core.stopwords import ENGLISH_STOPWORDS, NLTK_ENGLISH_STOPWORDS
 from tests.tiny import make_collection, make_model
@@ -208,7 +208,7 @@ def test_resolve_model_path_pkg_prefix():
     import json
     from pathlib import Path
 
-    from lsr_core.modeling import ModelLoadError
+    from lsr_core.backbones import ModelLoadError
 
     assert Path(resolve_model_path("pkg:json")) == Path(json.__file__).parent
     assert resolve_model_path("some/folder") == "some/folder"
