@@ -138,6 +138,7 @@ def decoding_of(spec) -> Decoding:
 # -------------------------------------------------------------------------------------------------------- loading
 
 def detect_kind(hf_config) -> str:
+    """The KINDS key of an HF config (`model.kind: auto`); a new kind that configs should reveal adds its test here."""
     if getattr(hf_config, "is_encoder_decoder", False):
         return "encoder_decoder"
     archs = getattr(hf_config, "architectures", None) or []
@@ -150,7 +151,6 @@ def detect_kind(hf_config) -> str:
     if hf_config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return "decoder"
     return "encoder"
-
 
 
 def _auto_class(kind: str):
@@ -206,6 +206,7 @@ def load_backbone(name: str, kind: str = "auto", *, gguf_file: str = "", dtype: 
         hf_config = transformers.AutoConfig.from_pretrained(name, **common)
     except OSError as err:
         raise ModelLoadError(f"cannot load model: {_offline_hint(name)} ({str(err).splitlines()[0]})") from None
+    # "auto" is not a kind but the request to detect one, so it has no row to look up
     kind = detect_kind(hf_config) if kind == "auto" else kind
     kwargs = dict(common, dtype=getattr(torch, dtype))
     if attn_implementation:

@@ -59,7 +59,6 @@ class LSRSpec:
         return cls(kind=kind, **{f.name: getattr(mcfg, f.name) for f in fields(cls) if f.name != "kind"})
 
 
-
 def sparse_forward(backbone, spec: LSRSpec, head: str, mlp: nn.Linear | None, batch: dict,
                    raw: bool = False, packed: bool = False, merge: str = "amax") -> torch.Tensor:
     """One tokenized batch -> reps [B, V] (float32, non-negative) with the given backbone and head.

@@ -14,9 +14,9 @@ import torch.nn as nn
 from lsr_core import attention_kernel
 from lsr_core.backbones import KINDS, ModelLoadError
 
+
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple if multiple > 1 else n
-
 
 
 PACKED_ATTENTION = "lsr_packed"  # registered with transformers' AttentionInterface; SDPA when not packed
