@@ -4,7 +4,8 @@
     python zeroshot_prompt.py --cfg yamls/zeroshot/smollm2_135m.yaml --encode.input=data/wiki/queries.test.jsonl --encode.kind=query
     accelerate launch --num_processes 4 zeroshot_prompt.py --cfg ... --encode.input=...      # one shard per process
 
-Model: `model.name_or_path` (+ `model.gguf_file`; `pkg:<module>` = an installed package's folder), kind detected:
+Model: `model.name_or_path` (+ `model.gguf_file`; `pkg:<module>` = an installed package's folder), kind detected
+(how each kind is prompted is its `Prompting` row in lsr_core.backbones.KINDS):
   decoder          prompt (through the tokenizer's chat template when it has one and `zeroshot.use_chat_template`),
                    left-padded so the last position is the next-token position for every row;
   encoder_decoder  prompt to the encoder, logits of the decoder's first step (from the decoder start token);
@@ -24,7 +25,7 @@ Vector: log1p(relu(next-token logits)), max over `zeroshot.steps` greedy steps (
   logits    at every position: decoders and encoders read the input itself (mask = attention x not-special-token,
             lsr/models/mlm_de_multi_opt.py, mlm.py); encoder-decoders teacher-force the input shifted right through the
             decoder (mask = the attention mask shifted right, its first column 0: lsr/models/mlm_en_de_multi.py);
-  pooling   rep[v] = max over kept positions of log1p(relu(logits[v])) (lsr_core.modeling.sparse_mlm_pool), cut to
+  pooling   rep[v] = max over kept positions of log1p(relu(logits[v])) (lsr_core.modeling.sparse_forward), cut to
             the tokenizer's vocabulary;
   terms     `reference_text_ids`: vocabulary ids of the text's NLTK-tokenized, lower-cased words without NLTK's
             English stopwords, each with weight int(rep * encode.quant_scale) (truncated, as the reference's
@@ -41,7 +42,6 @@ last hidden state at the position whose logits are read, i.e. PromptReps' dense 
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import re
@@ -58,7 +58,10 @@ from tqdm.auto import tqdm
 from lsr_core.inputs import read_input
 from lsr_core.outputs import finish
 from lsr_core.config import ConfigError, load_config
-from lsr_core.modeling import ModelLoadError, load_backbone, load_tokenizer, sparse_mlm_pool
+from lsr_core import tokenizing
+from lsr_core.backbones import KINDS, ModelLoadError, load_backbone, load_tokenizer
+from lsr_core.heads import projection_swapped
+from lsr_core.modeling import LSRSpec, sparse_forward
 from lsr_core.sparse import ShardWriter, id_to_token_list, prune, shard_name, to_vector
 from lsr_core.stopwords import ENGLISH_STOPWORDS, NLTK_ENGLISH_STOPWORDS
 from lsr_core.utils import atomic_open, atomic_write_json, accelerator_kwargs, run_script
@@ -89,56 +92,51 @@ def truncate_texts(tokenizer, texts: list[str], max_len: int) -> list[str]:
 def build_prompt(tokenizer, kind: str, template: str, text: str, zs) -> tuple[str, bool]:
     """The prompt string and whether the tokenizer should add its special tokens (not when a chat template did)."""
     body = template.replace("{text}", text)  # not str.format: texts and templates may hold braces
-    if kind != "encoder" and zs.use_chat_template and getattr(tokenizer, "chat_template", None):
+    prompting = KINDS[kind].prompting
+    if prompting.chat and zs.use_chat_template and getattr(tokenizer, "chat_template", None):
         messages = ([{"role": "system", "content": zs.system_prompt}] if zs.system_prompt else []) + \
             [{"role": "user", "content": body}]
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return prompt + zs.answer_prefix, False
     prompt = body + ("\n" + zs.answer_prefix if zs.answer_prefix else "")  # plain prompts: the answer on a new line
-    if kind == "encoder" and tokenizer.mask_token not in prompt:
+    if prompting.reads == "mask" and tokenizer.mask_token not in prompt:
         prompt += tokenizer.mask_token
     return prompt, True
 
 
 def tokenize_prompts(tokenizer, kind: str, prompts: list[str], add_special: bool) -> dict:
-    """Pad by hand: left for decoders (the last column is every row's next-token position), right otherwise.
+    """Pad on the kind's prompting side: left for decoders (the last column is every row's next-token position),
+    right otherwise.
 
     Returns input_ids, attention_mask [B, L] and read_pos [B] (the position whose logits are read: the last for
     decoders, the mask token for encoders; unused for encoder-decoders, which read the decoder's step).
     """
-    rows = tokenizer(prompts, add_special_tokens=add_special)["input_ids"]
-    length = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), length), dtype=torch.long)
-    read_pos = torch.full((len(rows),), length - 1, dtype=torch.long)
-    for i, ids in enumerate(rows):
-        span = slice(length - len(ids), length) if kind == "decoder" else slice(0, len(ids))
-        input_ids[i, span] = torch.tensor(ids)
-        attention[i, span] = 1
-        if kind == "encoder":
-            masks = [p for p, t in enumerate(ids) if t == tokenizer.mask_token_id]
-            read_pos[i] = masks[-1]
+    prompting = KINDS[kind].prompting
+    enc = tokenizer(prompts, add_special_tokens=add_special, padding=True, padding_side=prompting.padding_side,
+                    return_tensors="pt")
+    input_ids, attention = enc["input_ids"].long(), enc["attention_mask"].long()
+    read_pos = torch.full((len(prompts),), input_ids.shape[1] - 1, dtype=torch.long)
+    if prompting.reads == "mask":  # the last mask token of each row
+        columns = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+        read_pos = torch.where(input_ids == tokenizer.mask_token_id, columns, -1).amax(1)
     return {"input_ids": input_ids, "attention_mask": attention, "read_pos": read_pos}
 
 
 # ----------------------------------------------------------------------------------------------------- the model
 
-@contextlib.contextmanager
 def project_only(model, positions: torch.Tensor | None):
     """Run the vocabulary projection only at `positions` ([B], None = the last position), so that no
-    [B, L, V] logits tensor is built: logits come out as [B, 1, V]. Works for every kind because the hook sits on
-    the projection itself (BERT's transform runs per position before it)."""
-    def pick(module, args):
-        feats = args[0]
+    [B, L, V] logits tensor is built: logits come out as [B, 1, V]. Works for every kind because the projection
+    itself is swapped (BERT's transform runs per position before it)."""
+    projection = model.get_output_embeddings()
+    project = projection.forward
+
+    def pick(feats):
         rows = torch.arange(feats.shape[0], device=feats.device)
         cols = positions.to(feats.device) if positions is not None else feats.shape[1] - 1
-        return (feats[rows, cols][:, None],) + tuple(args[1:])
+        return project(feats[rows, cols][:, None])
 
-    handle = model.get_output_embeddings().register_forward_pre_hook(pick)
-    try:
-        yield
-    finally:
-        handle.remove()
+    return projection_swapped(projection, pick)
 
 
 def _accepts(model, arg: str) -> bool:
@@ -151,10 +149,11 @@ def next_token_reps(model, kind: str, batch: dict, steps: int, emit_dense: bool)
     ids, attn, read_pos = batch["input_ids"], batch["attention_mask"], batch["read_pos"]
     rows = torch.arange(ids.shape[0], device=ids.device)
     use_cache = steps > 1
+    reads = KINDS[kind].prompting.reads
     # explicit positions: a left-padded row gets the same positions as it would alone
-    explicit_positions = kind == "decoder" and _accepts(model, "position_ids")
+    explicit_positions = KINDS[kind].prompting.padding_side == "left" and _accepts(model, "position_ids")
     cache_arg = "cache" if _accepts(model, "cache") else "past_key_values"  # renamed in transformers 5.x
-    if kind == "encoder_decoder":
+    if reads == "start":  # the encoder runs once; each step feeds the decoder one token
         encoder_outputs = model.get_encoder()(input_ids=ids, attention_mask=attn)
         start = torch.full((ids.shape[0], 1), model.config.decoder_start_token_id, device=ids.device)
         inputs = {"encoder_outputs": encoder_outputs, "attention_mask": attn, "decoder_input_ids": start}
@@ -162,16 +161,16 @@ def next_token_reps(model, kind: str, batch: dict, steps: int, emit_dense: bool)
         inputs = {"input_ids": ids, "attention_mask": attn}
         if explicit_positions:
             inputs["position_ids"] = (attn.cumsum(-1) - 1).clamp(min=0)
-    with project_only(model, None if kind != "encoder" else read_pos):
+    with project_only(model, read_pos if reads == "mask" else None):
         out = model(**inputs, use_cache=use_cache, output_hidden_states=emit_dense)
     reps = torch.log1p(torch.relu(out.logits[:, -1].float()))
     dense = None
     if emit_dense:
-        hidden = out.decoder_hidden_states[-1] if kind == "encoder_decoder" else out.hidden_states[-1]
-        dense = hidden[rows, read_pos if kind == "encoder" else -1].float()
+        hidden = out.decoder_hidden_states[-1] if reads == "start" else out.hidden_states[-1]
+        dense = hidden[rows, read_pos if reads == "mask" else -1].float()
     for _ in range(steps - 1):  # greedy continuation with the KV cache; one new position a step
         next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
-        if kind == "encoder_decoder":
+        if reads == "start":
             inputs = {"encoder_outputs": encoder_outputs, "attention_mask": attn, "decoder_input_ids": next_ids}
         else:
             attn = torch.cat([attn, torch.ones_like(next_ids)], dim=1)
@@ -261,32 +260,16 @@ def reference_text_ids(tokenizer, prefix: str, texts: list[str]) -> list[list[in
     return [ids[skip:] for ids in tokenizer([reference_words(prefix + t) for t in texts])["input_ids"]]
 
 
-def multi_token_reps(model, kind: str, batch: dict) -> torch.Tensor:
-    """One right-padded batch (input_ids, attention_mask, special_tokens_mask [B, L]) -> reps [B, V] float32:
-    max over the kept positions of log1p(relu(vocabulary logits)), the kept positions as the reference masks them."""
-    ids, attn = batch["input_ids"], batch["attention_mask"]
-    if kind == "encoder_decoder":
-        # the decoder reads the input shifted right (teacher forcing); the reference masks with the attention mask
-        # shifted the same way, whose first column is T5's start id 0, so the start step is never pooled
-        start = torch.full_like(ids[:, :1], model.config.decoder_start_token_id)
-        inputs = {"input_ids": ids, "attention_mask": attn, "decoder_input_ids": torch.cat([start, ids[:, :-1]], 1)}
-        mask = torch.cat([torch.zeros_like(attn[:, :1]), attn[:, :-1]], 1)
-    else:
-        inputs = {"input_ids": ids, "attention_mask": attn}
-        mask = attn * (1 - batch["special_tokens_mask"])
-    projection = model.get_output_embeddings()
-    captured = {}
-
-    def capture(module, args):  # keep the projection's input; project one position only (no [B, L, V] tensor)
-        captured["feats"] = args[0]
-        return (args[0][:, :1],) + tuple(args[1:])
-
-    handle = projection.register_forward_pre_hook(capture)
-    try:
-        model(**inputs, **({"use_cache": False} if _accepts(model, "use_cache") else {}))
-    finally:
-        handle.remove()
-    return sparse_mlm_pool(captured["feats"], projection.weight, projection.bias, mask)
+def multi_token_reps(model, spec: LSRSpec, batch: dict) -> torch.Tensor:
+    """One right-padded batch (`tokenizing.tokenize`) -> reps [B, V] float32: max over the kept positions of
+    log1p(relu(vocabulary logits)), the kept positions as the reference masks them (`sparse_forward` with an MLM
+    head). Where pooling reads shifted decoder steps, the reference's mask is the attention mask shifted right,
+    whose first column is T5's start id 0: it also covers step n of a padded text (it reads </s>), which the
+    trained models' pool mask leaves out."""
+    if tokenizing.pools_shifted(spec):
+        attn = batch["attention_mask"]
+        batch = dict(batch, pool_mask=torch.cat([torch.zeros_like(attn[:, :1]), attn[:, :-1]], 1))
+    return sparse_forward(model, spec, "mlm", None, batch)
 
 
 def reference_vector(rep: torch.Tensor, text_ids: list[int], topk: int, scale: float,
@@ -312,11 +295,11 @@ def multi_token_batch(model, kind: str, tokenizer, template: str, batch_texts: l
     """Texts -> reps [B, V]: the template filled with each whole text, tokenized as the reference does."""
     prompts = [template.replace("{text}", t) for t in batch_texts]
     tokenizer.padding_side = "right"  # every real position keeps the position id it has unpadded
-    batch = tokenizer(prompts, padding=True, truncation=True, max_length=zs.max_length,
-                      return_special_tokens_mask=True, return_tensors="pt")
-    batch = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "special_tokens_mask")}
+    # the reference's MLM pooling: special tokens out where its heads leave them out, the whole text kept
+    spec = LSRSpec(kind=kind, special_tokens="reference", max_doc_len=zs.max_length)
+    batch = {k: v.to(device) for k, v in tokenizing.tokenize(spec, tokenizer, prompts, is_query=False).items()}
     with torch.inference_mode():
-        return multi_token_reps(model, kind, batch)
+        return multi_token_reps(model, spec, batch)
 
 
 # ------------------------------------------------------------------------------------------------------------ main
@@ -347,9 +330,9 @@ def main(argv=None) -> Path:
                                 dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
     model = model.to(accelerator.device).eval()
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.trust_remote_code)
-    if kind == "encoder" and tokenizer.mask_token is None:
+    if KINDS[kind].prompting.reads == "mask" and tokenizer.mask_token is None:
         raise ModelLoadError(f"'{cfg.model.name_or_path}' is an encoder without a mask token: cannot be prompted")
-    if kind == "encoder" and zs.steps > 1:
+    if KINDS[kind].prompting.reads == "mask" and zs.steps > 1:
         raise ConfigError(f"'zeroshot.steps' must be 1 for an encoder (MLM) model, got {zs.steps}")
     load_seconds = time.time() - started
     vocab = id_to_token_list(tokenizer)

@@ -26,7 +26,8 @@ import torch  # noqa: E402
 
 from lsr_core.pipeline import encode_shard  # noqa: E402
 from lsr_core.config import ModelConfig  # noqa: E402
-from lsr_core.modeling import build_model, resolve_model_path  # noqa: E402
+from lsr_core.backbones import resolve_model_path  # noqa: E402
+from lsr_core.modeling import build_model  # noqa: E402
 from lsr_core.sparse import prune  # noqa: E402
 from lsr_core.utils import read_texts  # noqa: E402
 

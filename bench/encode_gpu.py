@@ -46,7 +46,8 @@ from lsr_core.pipeline import encode_shard, from_wire, length_sorted_groups, to_
 from bench.peak import peak_tflops  # noqa: E402
 from bench.train import body_params, profile_step  # noqa: E402
 from lsr_core.config import ModelConfig  # noqa: E402
-from lsr_core.modeling import build_model, pack_batch  # noqa: E402
+from lsr_core.modeling import build_model  # noqa: E402
+from lsr_core.packing import pack_batch  # noqa: E402
 
 
 class _NoProgress:
@@ -73,16 +74,16 @@ def hf_config(name: str, tiny: bool):
 def make_model_folder(name: str, tiny: bool) -> tuple[Path, object]:
     import transformers
 
-    from lsr_core.tiny import make_tokenizer
+    from lsr_core.tiny import TOKENIZERS, make_tokenizer
 
     cfg = hf_config(name, tiny)
     kind = "encoder" if name == "bert-base" else "decoder"
     folder = Path(tempfile.mkdtemp(prefix=f"bench_{name}_"))
-    tok = make_tokenizer(folder, kind, [f"w{i}" for i in range(cfg.vocab_size - (5 if kind == "encoder" else 4))])
+    tok = make_tokenizer(folder, kind, [f"w{i}" for i in range(cfg.vocab_size - len(TOKENIZERS[kind][0]))])
     cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
-    cls = transformers.BertForMaskedLM if kind == "encoder" else transformers.LlamaForCausalLM
+    cls = {"encoder": transformers.BertForMaskedLM, "decoder": transformers.LlamaForCausalLM}[kind]
     with device:
         model = cls._from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(folder)

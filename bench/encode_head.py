@@ -8,8 +8,8 @@ Shapes: bert-base = H 768, V 30,522 (with a bias), 256 texts; llama1b = H 2048, 
 positions per batch, each text's length uniform in [0.9, 1] x --length (encode.py sorts texts by length, so a
 batch's texts are close in length). All map feats [B, L, H] and W [V, H] (bf16) to log1p(relu(max over the text's
 positions of feats @ W.T + b)):
-  triton: `_max_pool_inference(kernel="triton")`: lsr_core/head_kernel.py on the padded batch, no logits written
-  torch:  `_max_pool_inference(kernel="torch")`: float32 logits per vocabulary chunk, masked, max-reduced
+  triton: `max_pool_inference(kernel="triton")`: lsr_core/head_kernel.py on the padded batch, no logits written
+  torch:  `max_pool_inference(kernel="torch")`: float32 logits per vocabulary chunk, masked, max-reduced
   naive:  F.linear (bf16 logits [B, L, V]) + `naive_mlm_pool`, what sentence-transformers' SpladePooling computes
   packed: the kernel on the texts end to end (packed before the clock starts, as packed encoding has them; the
           torch path on them without a GPU)
@@ -33,15 +33,16 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lsr_core import head_kernel  # noqa: E402
-from lsr_core.modeling import _max_pool_inference, naive_mlm_pool, pack_batch  # noqa: E402
+from lsr_core.heads import max_pool_inference, naive_mlm_pool  # noqa: E402
+from lsr_core.packing import pack_batch  # noqa: E402
 
 SHAPES = {"bert-base": (768, 30522, 256, True), "llama1b": (2048, 128256, 64, False)}
 
 
 def heads():
     return {
-        "triton": lambda f, w, b, m: _max_pool_inference(f, w, b, m, 0, kernel="triton"),
-        "torch": lambda f, w, b, m: _max_pool_inference(f, w, b, m, 0, kernel="torch"),
+        "triton": lambda f, w, b, m: max_pool_inference(f, w, b, m, 0, kernel="triton"),
+        "torch": lambda f, w, b, m: max_pool_inference(f, w, b, m, 0, kernel="torch"),
         "naive": lambda f, w, b, m: naive_mlm_pool(F.linear(f, w, b), m),
     }
 
@@ -51,7 +52,7 @@ def packed_head(feats, mask, kernel: str):
     starts."""
     packed = pack_batch({"input_ids": mask, "attention_mask": mask, "pool_mask": mask})
     flat = feats[mask.bool()][None]
-    return lambda f, w, b, m: _max_pool_inference(flat, w, b, packed["pool_mask"][None], 0, kernel=kernel,
+    return lambda f, w, b, m: max_pool_inference(flat, w, b, packed["pool_mask"][None], 0, kernel=kernel,
                                                   packed=packed["cu_seq_lens"])
 
 

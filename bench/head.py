@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lsr_core.modeling import naive_mlm_pool, sparse_mlm_pool  # noqa: E402
+from lsr_core.heads import naive_mlm_pool, sparse_mlm_pool  # noqa: E402
 
 
 def make_inputs(batch, length, hidden, vocab, bias, device, seed):

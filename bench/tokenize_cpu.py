@@ -25,7 +25,8 @@ from bench.encode_gpu import make_texts, padded_first_host_batch  # noqa: E402
 from lsr_core.config import ModelConfig  # noqa: E402
 from lsr_core.pipeline import to_wire  # noqa: E402
 from lsr_core.modeling import build_model  # noqa: E402
-from lsr_core.tiny import make_model  # noqa: E402
+from lsr_core.backbones import KINDS  # noqa: E402
+from lsr_core.tiny import TOKENIZERS, make_model  # noqa: E402
 
 
 def best_rate(fn, batches, n_docs, repeats) -> float:
@@ -50,7 +51,7 @@ def main(argv=None) -> list[dict]:
         args.docs, args.batch, args.repeats = 64, 16, 1
     rows = []
     for arch, kind, vocab in (("bert", "encoder", 30522), ("llama", "decoder", 128256)):
-        words = (64 if args.tiny else vocab) - (5 if kind == "encoder" else 4)
+        words = (64 if args.tiny else vocab) - len(TOKENIZERS[kind][0])
         # a tiny random backbone: only its tokenizer and options are used
         folder = make_model(tempfile.mkdtemp(prefix="bench_tok_"), arch, [f"w{i}" for i in range(words)])
         model = build_model(ModelConfig(name_or_path=str(folder)))
@@ -61,7 +62,7 @@ def main(argv=None) -> list[dict]:
                    "row by row (before)": lambda b: model._tokenize_rows(b, is_query=False),
                    "tokenizer call alone": lambda b: tok(b, truncation=True, max_length=256,
                                                          return_special_tokens_mask=True)}
-        if kind == "encoder":  # a packing encoder's worker: the batch packed and made one tensor (encode.py's job)
+        if KINDS[kind].packs:  # a packing encoder's worker: the batch packed and made one tensor (encode.py's job)
             systems.update({
                 "packed, padded first (before)": lambda b: to_wire(padded_first_host_batch(model, b, False, True)),
                 "packed from the Rust tokenizer": lambda b: to_wire(model.host_batch(b, is_query=False, pack=True))})

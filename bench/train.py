@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lsr_core.config import ModelConfig  # noqa: E402
 from lsr_core.losses import flops, margin_mse_loss  # noqa: E402
 from bench.peak import peak_tflops  # noqa: E402
-from lsr_core.modeling import LSRSpec, SparseModel, _prepare_for_training, build_model, compile_blocks  # noqa: E402
+from lsr_core.backbones import prepare_for_training  # noqa: E402
+from lsr_core.modeling import LSRSpec, SparseModel, build_model, compile_blocks  # noqa: E402
 
 REG_WEIGHT = 1e-3
 
@@ -260,7 +261,7 @@ def bench_decoder(args, device) -> dict:
     else:
         backbone = build_decoder(args, device)
         if args.mode == "lora":
-            backbone, _ = _prepare_for_training(mcfg, backbone, backbone)
+            backbone, _ = prepare_for_training(mcfg, backbone, backbone)
         elif args.grad_ckpt:
             backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = SparseModel(spec, None, backbone)

@@ -43,7 +43,7 @@ def make_cells(prompts):
     import zeroshot_prompt as zsp
     from lsr_core.config import load_config
     from lsr_core.inputs import read_input
-    from lsr_core.modeling import load_tokenizer
+    from lsr_core.backbones import load_tokenizer
     from lsr_core.sparse import (ShardWriter, id_to_token_list, load_vectors, nnz_stats, read_meta, shard_name,
                                  write_meta)
 

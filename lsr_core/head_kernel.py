@@ -3,14 +3,14 @@ the logits.
 
     pooled[b, v] = max over the positions l that text b pools of  sum_h feats[l, h] * weight[v, h]   (float32 sums)
 
-The torch path (`modeling._max_pool_inference`) writes float32 logits for every (position, term) of a vocabulary
+The torch path (`heads.max_pool_inference`) writes float32 logits for every (position, term) of a vocabulary
 chunk, masks them and max-reduces them: three memory passes over [tokens x vocabulary], about as long as the matmul
 itself for BERT-base. Here the positions of all texts (packed end to end, or a padded batch flattened) are the
 columns of one GEMM against the vocabulary; each program keeps its [terms x positions] tile in registers, reduces
 its columns per text (texts are contiguous runs of columns; -1 marks a position no text pools) and merges the
 maxima into [texts x vocabulary] with atomic max. A text's tail costs no more than its share of a tile, unlike
 per-text tiles, which were slower (bench/RESULTS.md, "One GEMM for the head"). Texts with no pooled position get
--inf, as in the torch path. Inference only (no argmax is kept): training uses `modeling._SparseMLMPool`.
+-inf, as in the torch path. Inference only (no argmax is kept): training uses `heads._SparseMLMPool`.
 
 Programs run in groups of GROUP_T position tiles that sweep the vocabulary together, so those positions' hidden
 states stay in L2 while each weight tile is read once per group. A configuration either gives each program one

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from lsr_core.config import ConfigError
-from lsr_core.modeling import ModelLoadError
-from lsr_core.modeling import resolve_model_path as package_path
+from lsr_core.backbones import ModelLoadError
+from lsr_core.backbones import resolve_model_path as package_path
 from lsr_core.utils import InputError, check_id, read_texts
 
 

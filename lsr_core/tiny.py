@@ -52,28 +52,28 @@ def make_collection(folder: str | Path, docs_per_topic: int = 6, seed: int = 0) 
     return {"folder": folder, "words": words, "corpus": corpus, "queries": queries}
 
 
+# per backbone kind: the special tokens (pad first, unk second), the template that adds them, the tokenizer's names
+TOKENIZERS = {
+    "encoder": (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], "[CLS] $A [SEP]",
+                dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")),
+    "decoder": (["<pad>", "<unk>", "<s>", "</s>"], "<s> $A",
+                dict(pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")),
+    "encoder_decoder": (["<pad>", "<unk>", "</s>"], "$A </s>", dict(pad_token="<pad>", unk_token="<unk>", eos_token="</s>")),
+}
+
+
 def make_tokenizer(folder: str | Path, kind: str, words: list[str]):
     """A word-level fast tokenizer saved into `folder`; returns it."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    specials = {"encoder": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
-                "decoder": ["<pad>", "<unk>", "<s>", "</s>"],
-                "encoder_decoder": ["<pad>", "<unk>", "</s>"]}[kind]
+    specials, template, names = TOKENIZERS[kind]
     vocab = {tok: i for i, tok in enumerate(specials + words)}
     core = Tokenizer(models.WordLevel(vocab, unk_token=specials[1]))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
-    if kind == "encoder":
-        core.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-        extra = dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
-    elif kind == "decoder":
-        core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-        extra = dict(pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    else:
-        core.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
-        extra = dict(pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, **extra)
+    added = [t for t in template.split() if t in vocab]
+    core.post_processor = processors.TemplateProcessing(single=template, special_tokens=[(t, vocab[t]) for t in added])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, **names)
     tok.save_pretrained(folder)
     return tok
 

@@ -333,12 +333,12 @@ def run_script(main) -> None:
 
 
 def user_errors() -> tuple[type, ...]:
-    """The exception types that mean bad input rather than a bug. ModelLoadError only once lsr_core.modeling is
+    """The exception types that mean bad input rather than a bug. ModelLoadError only once lsr_core.backbones is
     loaded: importing it here would import torch into index/search/evaluate, and it cannot be raised before."""
     from lsr_core.config import ConfigError
 
-    modeling = sys.modules.get("lsr_core.modeling")
-    return (ConfigError, InputError) + ((modeling.ModelLoadError,) if modeling else ())
+    backbones = sys.modules.get("lsr_core.backbones")
+    return (ConfigError, InputError) + ((backbones.ModelLoadError,) if backbones else ())
 
 
 def stable_bucket(key: str, salt: str = "split") -> float:

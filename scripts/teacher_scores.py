@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from lsr_core.data import load_teacher_scores, texts_for  # noqa: E402
-from lsr_core.modeling import ModelLoadError, load_tokenizer, resolve_model_path  # noqa: E402
+from lsr_core.backbones import ModelLoadError, load_tokenizer, resolve_model_path  # noqa: E402
 from lsr_core.utils import InputError, accelerator_kwargs, atomic_open  # noqa: E402
 
 logger = logging.getLogger("teacher_scores")

@@ -19,7 +19,8 @@ import pytest
 
 import encode
 from lsr_core.config import ConfigError, ModelConfig, save_config, load_config
-from lsr_core.modeling import build_model, load_tokenizer
+from lsr_core.backbones import load_tokenizer
+from lsr_core.modeling import build_model
 from lsr_core.sparse import id_to_token_list, load_vectors, read_meta, vocab_hash
 from lsr_core.utils import InputError
 from lsr_core.tiny import make_collection, make_model

@@ -2,7 +2,7 @@
 what LoRA learnt, and the chain trains, saves a plain bf16 folder and encodes from it.
 
 Merging LoRA into 4-bit weights re-quantises them; on a tiny Llama the rounding moves the logits several times more
-than the whole LoRA update, so `SparseModel.save` merges into de-quantised weights instead (`modeling._merged`)."""
+than the whole LoRA update, so `SparseModel.save` merges into de-quantised weights instead (`backbones.merged`)."""
 import json
 
 import pytest
@@ -11,7 +11,9 @@ from safetensors import safe_open
 
 import train
 from lsr_core.config import ModelConfig
-from lsr_core.modeling import ModelLoadError, _merged, _prepare_for_training, build_model, load_backbone
+from lsr_core.backbones import ModelLoadError, load_backbone, prepare_for_training
+from lsr_core.backbones import merged as merged_backbone
+from lsr_core.modeling import build_model
 from lsr_core.tiny import make_collection, make_model
 
 pytest.importorskip("bitsandbytes")
@@ -27,7 +29,7 @@ def llama(tmp_path_factory):
 
 def test_merging_into_a_4bit_base_keeps_the_lora_update(llama):
     backbone, _ = load_backbone(str(llama["model"]), quantization="4bit")
-    backbone, _ = _prepare_for_training(ModelConfig(lora=True, quantization="4bit", lora_r=16), backbone, backbone)
+    backbone, _ = prepare_for_training(ModelConfig(lora=True, quantization="4bit", lora_r=16), backbone, backbone)
     torch.manual_seed(0)
     for name, param in backbone.named_parameters():
         if "lora_B" in name:
@@ -37,7 +39,7 @@ def test_merging_into_a_4bit_base_keeps_the_lora_update(llama):
         trained = backbone(input_ids=ids).logits.float()  # also repacks the CPU 4-bit weights
         with backbone.disable_adapter():
             untrained = backbone(input_ids=ids).logits.float()
-        merged = _merged(backbone)
+        merged = merged_backbone(backbone)
         after = merged(input_ids=ids).logits.float()
     update = (trained - untrained).abs().mean()
     assert update > 0.01

@@ -102,8 +102,7 @@ def test_dry_run(fixture, tmp_path, path):
     spec = json.loads((final / "lsr_config.json").read_text())
     assert (spec["query_head"], spec["doc_head"], spec["shared"]) == \
         (cfg.model.query_head, cfg.model.doc_head, cfg.model.shared)
-    if spec["kind"] == "encoder_decoder":
-        assert spec["decoding"] == cfg.model.decoding
+    assert spec["decoding"] == cfg.model.decoding  # (multi_token, the default, for kinds with one decoding)
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1] and log[0]["loss"] == log[0]["loss"]  # one step, finite loss
     assert not list(final.rglob("adapter_config.json"))  # LoRA merged into the saved weights

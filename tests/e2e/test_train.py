@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 import train
 from lsr_core.config import ConfigError, ModelConfig, load_config
-from lsr_core.modeling import ModelLoadError, build_model
+from lsr_core.backbones import ModelLoadError
+from lsr_core.modeling import build_model
 from lsr_core.utils import InputError
 from lsr_core.tiny import make_collection, make_model
 

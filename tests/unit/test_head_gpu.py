@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lsr_core.modeling import naive_mlm_pool, sparse_mlm_pool
+from lsr_core.heads import naive_mlm_pool, sparse_mlm_pool
 
 pytestmark = pytest.mark.gpu
 

@@ -9,7 +9,8 @@ import torch
 
 from lsr_core import head_kernel
 from lsr_core.config import ModelConfig
-from lsr_core.modeling import _max_pool_inference, build_model
+from lsr_core.heads import max_pool_inference
+from lsr_core.modeling import build_model
 from lsr_core.tiny import make_collection, make_model
 
 pytest.importorskip("triton")
@@ -87,8 +88,8 @@ def test_kernel_on_gpu_equals_torch_path_in_bf16(vocab, hidden):
     mask = _masks(batch, length, gen).cuda()
     assert head_kernel.usable(feats, weight, torch.bfloat16)
     with torch.inference_mode():
-        got = _max_pool_inference(feats, weight, bias, mask, 0, kernel="auto")
-        ref = _max_pool_inference(feats, weight, bias, mask, 0, kernel="torch")
+        got = max_pool_inference(feats, weight, bias, mask, 0, kernel="auto")
+        ref = max_pool_inference(feats, weight, bias, mask, 0, kernel="torch")
     assert (ref > 0).float().mean() > 0.1
     torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
 

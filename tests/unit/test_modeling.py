@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lsr_core.config import ModelConfig
-from lsr_core.modeling import ModelLoadError, build_model, calibrate_logit_shift, naive_mlm_pool, sparse_mlm_pool
+from lsr_core.backbones import KINDS, ModelLoadError
+from lsr_core.config import CHOICES, ModelConfig
+from lsr_core.heads import naive_mlm_pool, sparse_mlm_pool
+from lsr_core.modeling import build_model, calibrate_logit_shift
 from lsr_core.tiny import make_collection, make_model
 
 TEXTS = ["star planet orbit", "the recipe of the bread with butter and sugar in the kitchen of a castle"]
@@ -378,3 +380,14 @@ def test_missing_gguf_file_is_a_clear_error(tmp_path):
 def test_decoding_option_on_a_non_seq2seq_backbone_is_rejected(tiny):
     with pytest.raises(ModelLoadError, match="model.decoding=single_token applies only to encoder_decoder"):
         build_model(ModelConfig(name_or_path=tiny["bert"], decoding="single_token"))
+
+
+def test_config_choices_are_the_kinds_table():
+    """model.kind and model.decoding accept exactly what backbones.KINDS has rows for (config.py imports no torch,
+    so it lists them itself); every kind's tiny tokenizer exists."""
+    from lsr_core.tiny import TOKENIZERS
+
+    assert CHOICES["model.kind"] == ["auto", *KINDS]
+    assert sorted(CHOICES["model.decoding"]) == sorted({d for row in KINDS.values() for d in row.decodings})
+    assert set(TOKENIZERS) == set(KINDS)
+    assert all(next(iter(row.decodings)) == "multi_token" for row in KINDS.values())  # ModelConfig's default

@@ -4,9 +4,11 @@ applies, and refused with a clear error where asked for and unsupported."""
 import pytest
 import torch
 
-from lsr_core import modeling
+from lsr_core import head_kernel, modeling, packing
 from lsr_core.config import ModelConfig
-from lsr_core.modeling import PACKED_POSITION_OFFSET, ModelLoadError, build_model
+from lsr_core.backbones import ModelLoadError
+from lsr_core.modeling import build_model
+from lsr_core.packing import PACKED_POSITION_OFFSET
 from lsr_core.tiny import make_collection, make_model
 
 # lengths 3 to 24 words: each batch pads most of its texts
@@ -31,8 +33,8 @@ def encode(folder, texts, is_query=False, **overrides):
 def packed_calls(monkeypatch):
     """How many batches ran packed."""
     calls = []
-    original = modeling._packed_inputs
-    monkeypatch.setattr(modeling, "_packed_inputs", lambda *a: calls.append(1) or original(*a))
+    original = modeling.packed_inputs
+    monkeypatch.setattr(modeling, "packed_inputs", lambda *a: calls.append(1) or original(*a))
     return calls
 
 
@@ -43,10 +45,10 @@ def test_packed_vectors_equal_padded_ones(tiny, arch, special, packed_calls):
     _, padded = encode(tiny[arch], TEXTS, packed="false", special_tokens=special)
     assert not packed_calls
     model, packed = encode(tiny[arch], TEXTS, packed="true", special_tokens=special)
-    assert packed_calls and model.doc_backbone.config._attn_implementation == modeling.PACKED_ATTENTION
+    assert packed_calls and model.doc_backbone.config._attn_implementation == packing.PACKED_ATTENTION
     assert (padded > 0).sum() > 0
     torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
-    batch = modeling.pack_batch(model.tokenize(TEXTS, is_query=False))
+    batch = packing.pack_batch(model.tokenize(TEXTS, is_query=False))
     special_ids = torch.tensor(model.tokenizer.all_special_ids)
     assert torch.equal(batch["pool_mask"] == 0, torch.isin(batch["input_ids"], special_ids) & (special == "reference"))
 
@@ -58,7 +60,7 @@ def test_packed_queries_and_length_buckets(tiny, packed_calls):
     torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(not modeling.head_kernel.INTERPRET, reason="runs in Triton's interpreter (CPU machines)")
+@pytest.mark.skipif(not head_kernel.INTERPRET, reason="runs in Triton's interpreter (CPU machines)")
 def test_packed_rows_through_the_fused_kernel(tiny):
     """The kernel reads each text's span of the packed row (Triton's interpreter on the CPU) and gives the chunked
     torch path's values on the padded batch; a wrong span would pool a neighbour's positions."""
@@ -67,16 +69,16 @@ def test_packed_rows_through_the_fused_kernel(tiny):
     torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(not modeling.head_kernel.INTERPRET, reason="runs in Triton's interpreter (CPU machines)")
+@pytest.mark.skipif(not head_kernel.INTERPRET, reason="runs in Triton's interpreter (CPU machines)")
 def test_packed_rows_through_the_attention_kernel(tiny, monkeypatch):
     """model.attention_kernel=auto: on batches wider than KERNEL_MIN_LENGTH (lowered here: the tiny models have 128
     positions) the packed attention kernel (Triton's interpreter, allowed on the CPU) gives the padded batch's
     vectors; batches no wider keep the other path."""
     calls = []
-    monkeypatch.setattr(modeling.attention_kernel, "usable", lambda q: True)
-    original = modeling.attention_kernel.packed_attention
-    monkeypatch.setattr(modeling.attention_kernel, "packed_attention", lambda *a: calls.append(a[4]) or original(*a))
-    monkeypatch.setattr(modeling, "KERNEL_MIN_LENGTH", 0)
+    monkeypatch.setattr(packing.attention_kernel, "usable", lambda q: True)
+    original = packing.attention_kernel.packed_attention
+    monkeypatch.setattr(packing.attention_kernel, "packed_attention", lambda *a: calls.append(a[4]) or original(*a))
+    monkeypatch.setattr(packing, "KERNEL_MIN_LENGTH", 0)
     _, padded = encode(tiny["bert"], TEXTS, packed="false")
     _, packed = encode(tiny["bert"], TEXTS, packed="true")
     assert len(calls) == 2 and set(calls) == {64}  # each layer, at the width rounded up to 64
@@ -84,7 +86,7 @@ def test_packed_rows_through_the_attention_kernel(tiny, monkeypatch):
     calls.clear()
     _, packed = encode(tiny["bert"], TEXTS, packed="true", attention_kernel="varlen")
     assert not calls
-    monkeypatch.setattr(modeling, "KERNEL_MIN_LENGTH", 64)
+    monkeypatch.setattr(packing, "KERNEL_MIN_LENGTH", 64)
     _, packed = encode(tiny["bert"], TEXTS, packed="true")
     assert not calls
 
@@ -184,7 +186,7 @@ def test_packing_from_the_rust_tokenizer_equals_packing_the_padded_batch(tiny, a
         before = model.tokenizer.backend_tokenizer.truncation
         fast = model.host_batch(texts, is_query, pack=True)
         assert model.tokenizer.backend_tokenizer.truncation == before  # the wrapper's backend is left as it is
-        slow = modeling.pack_batch(model.tokenize(texts, is_query))
+        slow = packing.pack_batch(model.tokenize(texts, is_query))
         assert fast.keys() == slow.keys() and fast["max_length"] == slow["max_length"]
         for key in ("input_ids", "position_ids", "pool_mask", "cu_seq_lens"):
             assert fast[key].dtype == slow[key].dtype and torch.equal(fast[key], slow[key]), (arch, is_query, key)

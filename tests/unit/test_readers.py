@@ -277,7 +277,7 @@ def test_run_script_prints_one_line_and_exits_1(capsys):
 
 
 def test_run_script_knows_model_load_errors_once_modeling_is_loaded(capsys):
-    from lsr_core.modeling import ModelLoadError
+    from lsr_core.backbones import ModelLoadError
 
     def bad_model():
         raise ModelLoadError("no such model")

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from lsr_core.config import load_config
-from lsr_core.modeling import build_model, resolve_model_path
+from lsr_core.backbones import resolve_model_path
+from lsr_core.modeling import build_model
 from lsr_core.sparse import id_to_token_list, prune, to_vector
 
 st = pytest.importorskip("sentence_transformers.sparse_encoder")

@@ -10,7 +10,7 @@ import torch
 
 import zeroshot_prompt as zsp
 from lsr_core.config import load_config
-from lsr_core.modeling import load_backbone, load_tokenizer, resolve_model_path
+from lsr_core.backbones import load_backbone, load_tokenizer, resolve_model_path
 from lsr_core.sparse import load_vectors
 from lsr_core.stopwords import ENGLISH_STOPWORDS, NLTK_ENGLISH_STOPWORDS
 from lsr_core.tiny import make_collection, make_model
@@ -43,7 +43,8 @@ def zeroshot_reps(folder, texts, steps=1, emit_dense=False, **overrides):
 
 
 def direct_logits(model, kind, tok, prompt: str, add_special: bool = True, steps: int = 1):
-    """The reference: the HF model on one unpadded prompt, full logits, greedy steps re-run without a cache."""
+    """The reference: the HF model on one unpadded prompt, full logits, greedy steps re-run without a cache.
+    Written out per kind on purpose, not read from backbones.KINDS: it is the independent check of that table."""
     ids = torch.tensor([tok(prompt, add_special_tokens=add_special)["input_ids"]])
     all_logits = []
     with torch.inference_mode():
@@ -208,7 +209,7 @@ def test_resolve_model_path_pkg_prefix():
     import json
     from pathlib import Path
 
-    from lsr_core.modeling import ModelLoadError
+    from lsr_core.backbones import ModelLoadError
 
     assert Path(resolve_model_path("pkg:json")) == Path(json.__file__).parent
     assert resolve_model_path("some/folder") == "some/folder"
@@ -231,7 +232,8 @@ REF_DOC_PROMPT = ("<s>[INST] You are a powerful lexical search engine. You are t
 def reference_reps(model, kind, tok, texts, max_length=250):
     """The reference's encoder forward, written out: full logits at every position of the right-padded batch,
     multiplied by the mask (decoder/encoder: attention x (1 - special tokens); T5: the decoder reads the input
-    shifted right and the mask is the attention mask shifted right), then log1p(relu), then the max over positions."""
+    shifted right and the mask is the attention mask shifted right), then log1p(relu), then the max over positions.
+    Per kind on purpose, not read from backbones.KINDS: it is the independent check of that table."""
     tok.padding_side = "right"
     enc = tok([REF_DOC_PROMPT + t for t in texts], padding=True, truncation=True, max_length=max_length,
               return_special_tokens_mask=True, return_tensors="pt")
@@ -256,7 +258,8 @@ def test_multi_token_reps_equal_reference_formula(tiny, arch):
     assert ours.dtype == torch.float32 and ours.shape == expected.shape
     assert torch.equal(ours > 0, expected > 0)
     assert (ours - expected).abs().max() <= 1e-5
-    if kind == "decoder":  # right padding leaves every real position as it is alone
+    if kind == "decoder":  # a property of causal attention, which this test states, not a row of KINDS: right
+        # padding leaves every real position as it is alone
         alone = zsp.multi_token_batch(model, kind, tok, REF_DOC_PROMPT + "{text}", texts[1:2], zs, torch.device("cpu"))
         assert (alone[0] - ours[1]).abs().max() <= 1e-5
     cut = zsp.multi_token_batch(model, kind, tok, REF_DOC_PROMPT + "{text}", texts, load_config(
