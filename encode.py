@@ -57,8 +57,8 @@ def main(argv=None) -> Path:
     per_shard = enc.shard_size or math.ceil(len(ids) / accelerator.num_processes)
     n_shards = math.ceil(len(ids) / per_shard)
     mine = unfinished(out, n_shards, accelerator)
-    # the writer processes start first: their start-up (each imports torch: 7-14 s on an H200 host, runs Z15-Z16) runs
-    # while the model loads, instead of holding up the first batches (bench/RESULTS.md)
+    # the writer processes start first: their start-up (each imports torch, seconds on a GPU host) runs while the
+    # model loads, instead of holding up the first batches
     with VectorWriters(enc.num_writers if mine or enc.overwrite else 0) as writers:
         cfg.model.name_or_path = local_path(model_path)
         (logger.warning if doubtful else logger.info)(f"model: {cfg.model.name_or_path} ({why})")
@@ -77,8 +77,8 @@ def main(argv=None) -> Path:
         logger.info(f"encoding {len(ids)} {'queries' if is_query else 'documents'} with {cfg.model.name_or_path} "
                     f"into {n_shards} shard(s) on {accelerator.num_processes} process(es); this process: "
                     f"{len(mine)} to do", main_process_only=False)
-        if enc.num_workers:  # workers hand batches over by shared-memory file name, not by descriptor: 2.5-3.2%
-            torch.multiprocessing.set_sharing_strategy("file_system")  # more docs/s on an H200 (runs Z1, Z3)
+        if enc.num_workers:  # workers hand batches over by shared-memory file name, not by descriptor: faster on
+            torch.multiprocessing.set_sharing_strategy("file_system")  # GPU hosts (bench/RESULTS.md)
         started = time.time()
         progress = tqdm(total=todo, disable=not accelerator.is_main_process, desc="encode", unit="text")
         for shard in mine:

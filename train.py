@@ -33,6 +33,7 @@ from accelerate.utils import DeepSpeedPlugin, set_seed
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
+from lsr_core.backbones import KINDS
 from lsr_core.config import ConfigError, load_config, save_config
 from lsr_core.data import collate, load_examples
 from lsr_core.losses import LOSSES, NEEDS_TEACHER, REGULARIZERS, RegWeight, regularization
@@ -424,7 +425,7 @@ def model_kind(accelerator, model) -> str:
     spec = accelerator.unwrap_model(model).spec
     heads = spec.query_head if spec.query_head == spec.doc_head else f"q{spec.query_head.upper()}-d{spec.doc_head.upper()}"
     plugin = accelerator.state.deepspeed_plugin
-    return f"{spec.kind}, {heads}" + (f", {spec.decoding}" if spec.kind == "encoder_decoder" else "") + \
+    return f"{spec.kind}, {heads}" + (f", {spec.decoding}" if len(KINDS[spec.kind].decodings) > 1 else "") + \
         (f", DeepSpeed ZeRO-{plugin.zero_stage}" if plugin is not None else "")
 
 

@@ -267,7 +267,7 @@ def prepare_for_training(mcfg, q_backbone, d_backbone):
 def merged(backbone: nn.Module) -> nn.Module:
     """A PEFT-wrapped backbone with its LoRA weights merged (a plain HF model otherwise). A k-bit (QLoRA) base is
     merged in 16 bits: merging into 4-bit weights re-quantises them, and the rounding is larger than the whole LoRA
-    update (measured 4x on a tiny Llama), so what was trained would be lost. The result is then a plain HF model in
+    update, so what was trained would be lost. The result is then a plain HF model in
     the 4-bit compute dtype (bf16 as `load_backbone` sets it); `model.quantization` can quantise it again at load."""
     if not hasattr(backbone, "merge_and_unload"):
         return backbone

@@ -36,8 +36,8 @@ _MM_OUT_DTYPE = {"ok": True}  # flipped off once if this torch/device lacks mm(.
 
 def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b with a float32 result. On CUDA, bf16/fp16 operands keep the tensor-core rate and accumulate in float32
-    without rounding the product to 16 bits: rounding would create ties among positions and move the argmax (a 10%
-    gradient error at bf16, measured)."""
+    without rounding the product to 16 bits: rounding would create ties among positions and move the argmax (a
+    gradient error at bf16 worth avoiding: bench/RESULTS.md)."""
     if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _MM_OUT_DTYPE["ok"]:
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
@@ -156,7 +156,7 @@ def max_pool_inference(feats, weight, bias, mask, chunk, activate: bool = True, 
                         packed: torch.Tensor | None = None):
     """Encoding path of max pooling: no argmax to keep. On CUDA in bf16/fp16 the fused Triton kernel (no logits
     written); otherwise chunked, and on the CPU the logits stay in the matmul dtype (bf16 halves the memory passes
-    of masking and max; measured 3.5-6x faster than the training path on 2 cores).
+    of masking and max; faster than the training path on the CPU).
     `activate=False` returns the pooled logits before ReLU and log1p (what calibration thresholds).
     `packed`: the texts' offsets cu_seq_lens [B + 1] when feats [1, T, H] and mask [1, T] hold them end to end
     (`packing.packed_inputs`); the kernel reads them in place, the torch path unpads first."""

@@ -1,8 +1,8 @@
 """Packed encoding: an encoder at inference runs a batch as one row of its texts end to end, without padding.
 
 Attention is then variable-length flash attention (torch.nn.attention.varlen) or lsr_core/attention_kernel.py
-instead of SDPA with a padding mask, and the fused head reads each text's span of the row. On an H200, BERT-base on
-MS MARCO-like lengths: bench/RESULTS.md runs P-T.
+instead of SDPA with a padding mask, and the fused head reads each text's span of the row. Speed: bench/RESULTS.md,
+"Packed encoding".
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ PACKED_ATTENTION = "lsr_packed"  # registered with transformers' AttentionInterf
 # model.attention_kernel -> the registered attention function (torch's varlen_attn only, or our kernel at inference)
 PACKED_ATTENTIONS = {"auto": PACKED_ATTENTION, "varlen": PACKED_ATTENTION + "_varlen"}
 # up to this width (a batch's longest text, rounded up to 64) varlen_attn's 128-wide tiles waste little and it was
-# the faster one (0.91-0.92x for the kernel at 64 and 100 tokens; 1.07-1.44x at 130-250: bench/RESULTS.md, run Z11)
+# the faster one there (bench/RESULTS.md, "Where BERT-base's encoding time goes")
 KERNEL_MIN_LENGTH = 128
 # the model types whose packed output is tested equal to the padded one, with their first position id
 PACKED_POSITION_OFFSET = {"bert": lambda cfg: 0, "distilbert": lambda cfg: 0, "electra": lambda cfg: 0,

@@ -71,7 +71,7 @@ def encode_shard(model, texts: list[str], is_query: bool, batch_size: int, progr
                  pin: bool = True, lookahead: int = 1, counts: collections.Counter | None = None):
     """Yield (positions in `texts`, reps [b, V]) over length-sorted batches; the caller prunes each batch at once,
     so memory stays flat. With `workers` > 0 the tokenizer runs in DataLoader workers into pinned memory (`pin`), so
-    a GPU does not wait for it (measured 3.3-3.7x docs/s on an H200, bench/RESULTS.md). `counts` (when given) gains
+    a GPU does not wait for it (bench/RESULTS.md). `counts` (when given) gains
     "truncated": how many texts were cut at the max length.
 
     The model of the next `lookahead` batches is queued before a batch is yielded, so a GPU keeps working while the

@@ -50,7 +50,7 @@ def tokenize(spec, tokenizer, texts: list[str], is_query: bool, pad_multiple: in
         return tokenize_rows(spec, tokenizer, texts, is_query, pad_multiple)
     head = spec.query_head if is_query else spec.doc_head
     drop = drops_special_tokens(spec, head)
-    # numpy, then torch without a copy: ~1.4x the tokenizer's own torch conversion (bench/RESULTS.md, tokenisation)
+    # numpy, then torch without a copy: faster than the tokenizer's own torch conversion (bench/RESULTS.md, tokenisation)
     encoded = tokenizer(texts, truncation=True, max_length=spec.max_query_len if is_query else spec.max_doc_len,
                         return_special_tokens_mask=drop, padding=True, padding_side=padding_side(spec, tokenizer),
                         pad_to_multiple_of=pad_multiple if pad_multiple > 1 else None, return_tensors="np")
@@ -102,8 +102,8 @@ def tokenize_rows(spec, tokenizer, texts: list[str], is_query: bool, pad_multipl
 
 def tokenize_packed(spec, encode_batch, texts: list[str], is_query: bool, pad_multiple: int = 0) -> dict:
     """`pack_batch(tokenize(texts))` for a packing kind with an MLM head, without the padded batch in between: the
-    Rust tokenizer's encodings (no offsets; `encode_batch` from `packing_tokenizer`) joined end to end. 1.5-1.8x the
-    docs/s of the padded path on a CPU core (bench/tokenize_cpu.py), which is what feeds packed BERT on a GPU."""
+    Rust tokenizer's encodings (no offsets; `encode_batch` from `packing_tokenizer`) joined end to end. Faster than
+    the padded path on a CPU core (bench/tokenize_cpu.py), which is what feeds packed BERT on a GPU."""
     prefix = spec.query_prefix if is_query else spec.doc_prefix
     encodings = encode_batch([prefix + t for t in texts])
     rows = [e.ids for e in encodings]
