@@ -341,14 +341,6 @@ def user_errors() -> tuple[type, ...]:
     return (ConfigError, InputError) + ((backbones.ModelLoadError,) if backbones else ())
 
 
-def stable_bucket(key: str, salt: str = "split") -> float:
-    """Deterministic pseudo-random number in [0, 1) from a string (for fixed train/dev/test splits)."""
-    import hashlib
-
-    digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
 def native_bf16() -> bool:
     """Whether bf16 matmuls run natively where our scripts run (CUDA when present, else the CPU): a GPU with bf16, or
     a CPU with AVX512-BF16 or AMX. Elsewhere oneDNN emulates them, many times slower than float32 (bench/RESULTS.md).

