@@ -1,7 +1,8 @@
 """Zero-shot sparse vectors from a prompted LLM, no training (DESIGN §4, the paper's RQ1; PromptReps-style).
 
-    python zeroshot_prompt.py --cfg yamls/zeroshot/smollm2_135m.yaml --encode.input=data/wiki/corpus.jsonl --encode.kind=doc
-    python zeroshot_prompt.py --cfg yamls/zeroshot/smollm2_135m.yaml --encode.input=data/wiki/queries.test.jsonl --encode.kind=query
+    python zeroshot_prompt.py --cfg yamls/rq1/smollm2_135m.yaml --encode.input=data/wiki/corpus.jsonl --encode.kind=doc
+    python zeroshot_prompt.py --cfg yamls/rq1/smollm2_135m.yaml --encode.input=data/wiki/queries.test.jsonl --encode.kind=query
+    python zeroshot_prompt.py --cfg yamls/rq1/smollm2_135m.yaml --cfg yamls/zeroshot/next_token.yaml ...  # our method
     accelerate launch --num_processes 4 zeroshot_prompt.py --cfg ... --encode.input=...      # one shard per process
 
 Model: `model.name_or_path` (+ `model.gguf_file`; `pkg:<module>` = an installed package's folder), kind detected
