@@ -103,11 +103,7 @@ def _(q, k, v, cu_seq_lens, max_length, scale):
 
 
 def autotuned_tiles() -> dict[str, str]:
-    """The tile the kernel's autotuner chose per key (shapes, rounded) so far, and under "last" the tile of the latest
-    call: what bench/ reports beside a timing. Empty without triton or before the first call on CUDA."""
-    if triton is None:
-        return {}
-    tiles = {str(key): str(config) for key, config in _packed_attention.cache.items()}
-    if getattr(_packed_attention, "best_config", None) is not None:
-        tiles["last"] = str(_packed_attention.best_config)
-    return tiles
+    """`head_kernel.tiles_chosen` of the attention kernel; empty without triton."""
+    from lsr_core.head_kernel import tiles_chosen
+
+    return {} if triton is None else tiles_chosen(_packed_attention)

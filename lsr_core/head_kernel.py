@@ -168,12 +168,15 @@ def segment_max_matmul(feats: torch.Tensor, weight: torch.Tensor, text: torch.Te
     return out
 
 
-def autotuned_tiles() -> dict[str, str]:
-    """The tile the kernel's autotuner chose per key (shapes, rounded) so far, and under "last" the tile of the latest
-    call: what bench/ reports beside a timing. Empty without triton or before the first call on CUDA."""
-    if triton is None:
-        return {}
-    tiles = {str(key): str(config) for key, config in _segment_max_matmul.cache.items()}
-    if getattr(_segment_max_matmul, "best_config", None) is not None:
-        tiles["last"] = str(_segment_max_matmul.best_config)
+def tiles_chosen(kernel) -> dict[str, str]:
+    """The tile a Triton autotuner (`kernel`) chose per key (shapes, rounded) so far, and under "last" the tile of its
+    latest call: what bench/ reports beside a timing. Empty before the first call on CUDA."""
+    tiles = {str(key): str(config) for key, config in kernel.cache.items()}
+    if getattr(kernel, "best_config", None) is not None:
+        tiles["last"] = str(kernel.best_config)
     return tiles
+
+
+def autotuned_tiles() -> dict[str, str]:
+    """`tiles_chosen` of the head kernel; empty without triton."""
+    return {} if triton is None else tiles_chosen(_segment_max_matmul)
