@@ -27,16 +27,12 @@ import time
 from pathlib import Path
 
 from lsr_core import engines
+from lsr_core.engine_base import folder_size
 from lsr_core.config import load_config, save_config
 from lsr_core.sparse import load_encoded, write_meta
 from lsr_core.utils import InputError, owner_tag, run_script, sweep_stale
 
 logger = logging.getLogger("index")
-
-
-def folder_size(folder: Path) -> int:
-    """Bytes allocated on disk (like `du`): qdrant preallocates sparse 32 MiB files that hold far less."""
-    return sum(f.stat().st_blocks * 512 for f in folder.rglob("*") if f.is_file())
 
 
 def main(argv: list[str] | None = None) -> Path:

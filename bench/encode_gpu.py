@@ -283,7 +283,8 @@ def bench_script(folder: Path, texts: list[str], warm: list[str], args, workers:
     JSON lines in `writers` processes (encode.num_writers), one gzip shard. Time: meta.json's seconds_last_run (from
     the model loaded to the shard on disk; the check of the shards after it is left out). A first call on `warm`
     compiles the model, as a long job amortises that."""
-    import encode
+    import encode  # in this process, so that the warm-up's compiled graphs serve the timed call
+
 
     work = Path(tempfile.mkdtemp(prefix="bench_script_"))
     for name, part in (("warm", warm), ("corpus", texts)):

@@ -29,7 +29,7 @@ import numpy as np
 import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from index import folder_size  # noqa: E402
+from lsr_core.engine_base import folder_size  # noqa: E402
 from lsr_core import engines  # noqa: E402
 from lsr_core.sparse import load_vectors, p99  # noqa: E402
 

@@ -1,5 +1,5 @@
 """Tokenisation throughput on the CPU, one process: `SparseModel.tokenize` (the tokenizer pads, masks on whole
-tensors) against the row-by-row path it replaced (`_tokenize_rows`, kept for echo) and the tokenizer call alone; for
+tensors) against the row-by-row path it replaced (`tokenizing.tokenize_rows`, kept for echo) and the tokenizer call alone; for
 the encoder also a packing model's worker batch (`host_batch(..., pack=True)` + `to_wire`: straight from the Rust
 tokenizer) against packing the padded batch (`pack_batch(tokenize(...))`, before).
 
@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.encode_gpu import make_texts, padded_first_host_batch  # noqa: E402
 from lsr_core.config import ModelConfig  # noqa: E402
 from lsr_core.pipeline import to_wire  # noqa: E402
+from lsr_core import tokenizing  # noqa: E402
 from lsr_core.modeling import build_model  # noqa: E402
 from lsr_core.backbones import KINDS  # noqa: E402
 from lsr_core.tiny import TOKENIZERS, make_model  # noqa: E402
@@ -59,7 +60,7 @@ def main(argv=None) -> list[dict]:
         texts = sorted(make_texts(args.docs, words, 60, 250), key=len)
         batches = [texts[s:s + args.batch] for s in range(0, len(texts), args.batch)]
         systems = {"tokenize (tensor masks)": lambda b: model.tokenize(b, is_query=False),
-                   "row by row (before)": lambda b: model._tokenize_rows(b, is_query=False),
+                   "row by row (before)": lambda b: tokenizing.tokenize_rows(model.spec, model.tokenizer, b, False, model.pad_multiple),
                    "tokenizer call alone": lambda b: tok(b, truncation=True, max_length=256,
                                                          return_special_tokens_mask=True)}
         if KINDS[kind].packs:  # a packing encoder's worker: the batch packed and made one tensor (encode.py's job)

@@ -8,8 +8,8 @@ documents sampled with the same generator: 500 documents. Full-collection zero-s
 2 shared CPU cores (~1 doc/s).
 `cells`: the model runs (zeroshot_prompt.py with `--zeroshot.doc_topk=0`, see RESULTS.md) hold every positive
 weight; `in_text_only` (where no model run exists with it) and top-k 64/128/all are applied to those stored vectors
-with the same rules as zeroshot_prompt.py (`TextVocabulary`, keep_text_terms' fallback, prune's top-k), so each cell
-equals a run with those flags (checked: the restricted chat vectors equal the real in_text_only=true run).
+with the same rules as zeroshot_prompt.py (`lsr_core.intext`: TextVocabulary, keep_text_terms' fallback; prune's
+top-k), so each cell equals a run with those flags (checked: the restricted chat vectors equal the real in_text_only=true run).
 Runs go to runs/zs-abl/runs/<prompt>-intext_<on>-k<k>.trec.
 """
 import json
@@ -40,7 +40,7 @@ def make_subset(out=Path("data/wiki_zs"), n_queries=200, n_docs=500):
 
 
 def make_cells(prompts):
-    import zeroshot_prompt as zsp
+    from lsr_core import intext
     from lsr_core.config import load_config
     from lsr_core.inputs import read_input
     from lsr_core.backbones import load_tokenizer
@@ -51,8 +51,8 @@ def make_cells(prompts):
     tok = load_tokenizer(cfg.model.name_or_path, cfg.model.gguf_file)
     vocab = id_to_token_list(tok)
     ids, texts = read_input("data/wiki_zs/corpus.jsonl", "doc")
-    texts = zsp.truncate_texts(tok, texts, cfg.model.max_doc_len)
-    text_vocab = zsp.TextVocabulary(tok)
+    texts = intext.truncate_texts(tok, texts, cfg.model.max_doc_len)
+    text_vocab = intext.TextVocabulary(tok)
     allowed = {rid: {vocab[i] for i in text_vocab(t)} for rid, t in zip(ids, texts)}
 
     def restrict(vec, keep):  # keep_text_terms on positive weights, with its fallback
@@ -67,13 +67,13 @@ def make_cells(prompts):
             real_ids, real = load_vectors(ROOT / "chat-intext_true/encode/corpus")
             same = sum(restrict(source[r], allowed[r]) == v for r, v in zip(real_ids, real))
             print(f"derived in_text_only == real run for {same}/{len(real)} docs", flush=True)
-        for intext in ("true", "false"):
+        for in_text in ("true", "false"):
             for k in (64, 128, 0):
-                name = f"{prompt}-intext_{intext}-k{k or 'all'}"
+                name = f"{prompt}-intext_{in_text}-k{k or 'all'}"
                 out = ROOT / "cells" / name
                 writer = ShardWriter(out / "encode/corpus" / shard_name(0))
                 for rid in ids:
-                    writer.add(rid, topk(restrict(source[rid], allowed[rid]) if intext == "true" else source[rid], k))
+                    writer.add(rid, topk(restrict(source[rid], allowed[rid]) if in_text == "true" else source[rid], k))
                 stats = writer.close()
                 # index.py checks the folder against its meta.json: the source's, with this cell's counts
                 write_meta(out / "encode/corpus", {**read_meta(ROOT / f"{prompt}-intext_false/encode/corpus"),
@@ -81,7 +81,7 @@ def make_cells(prompts):
                 base = [f"--exp.output_dir={out}", f"--exp.name={name}", "--index.engine=exact"]
                 subprocess.run([sys.executable, "index.py", *base], check=True)
                 subprocess.run([sys.executable, "search.py", *base,
-                                f"--search.queries={ROOT / f'{prompt}-intext_{intext}/encode/queries'}",
+                                f"--search.queries={ROOT / f'{prompt}-intext_{in_text}/encode/queries'}",
                                 "--search.latency_sample=0", f"--search.output={ROOT / 'runs' / (name + '.trec')}"],
                                check=True)
 

@@ -198,9 +198,6 @@ class SparseModel(nn.Module):
         """texts -> input_ids, attention_mask, pool_mask [B, L] (`tokenizing.tokenize`)."""
         return tokenizing.tokenize(self.spec, self.tokenizer, texts, is_query, self.pad_multiple)
 
-    def _tokenize_rows(self, texts: list[str], is_query: bool) -> dict:
-        return tokenizing.tokenize_rows(self.spec, self.tokenizer, texts, is_query, self.pad_multiple)
-
     def host_batch(self, texts: list[str], is_query: bool, pack: bool) -> dict:
         """`tokenize`, or with `pack` (where `packs` holds for the device that will run it) the texts packed as
         `pack_batch` gives them: what encode's tokenizer workers hand over, so the device gets the packed texts

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lsr_core import tokenizing
 from lsr_core.backbones import KINDS, ModelLoadError
 from lsr_core.config import CHOICES, ModelConfig
 from lsr_core.heads import naive_mlm_pool, sparse_mlm_pool
@@ -62,14 +63,15 @@ def test_vectors_do_not_depend_on_padding(tiny, arch, options):
     ("llama", {"max_doc_len": 5}), ("opt", {"drop_bos": True}), ("t5", {}), ("t5", {"doc_head": "mlp"})])
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_tensor_tokenization_equals_the_row_by_row_one(tiny, arch, options, side):
-    """`tokenize` pads with the tokenizer and masks whole tensors; `_tokenize_rows` builds each row by hand."""
+    """`tokenize` pads with the tokenizer and masks whole tensors; `tokenizing.tokenize_rows` builds each row by hand."""
     model = load(tiny[arch], **options)
     model.tokenizer.padding_side = side
     texts = [*TEXTS, "", "planet"]  # an empty text still gets its special tokens
     for is_query in (False, True):
         fast = model.tokenize(texts, is_query)
         prefix = model.spec.query_prefix if is_query else model.spec.doc_prefix
-        rows = model._tokenize_rows([prefix + t for t in texts], is_query)
+        rows = tokenizing.tokenize_rows(model.spec, model.tokenizer, [prefix + t for t in texts], is_query,
+                                       model.pad_multiple)
         assert fast.keys() == rows.keys()
         for key in rows:
             assert fast[key].dtype == torch.long and torch.equal(fast[key], rows[key]), (key, is_query)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import zeroshot_prompt as zsp
+from lsr_core import intext
 from lsr_core.config import load_config
 from lsr_core.backbones import load_backbone, load_tokenizer, resolve_model_path
 from lsr_core.sparse import load_vectors
@@ -114,7 +115,7 @@ def test_chat_template_used_when_present(tiny, tmp_path):
 
 def test_text_vocabulary_keeps_non_stopword_tokens_only(tiny):
     tok = load_tokenizer(str(tiny["llama"]))
-    text_vocab = zsp.TextVocabulary(tok)
+    text_vocab = intext.TextVocabulary(tok)
     ids = text_vocab("The guitar, and the Melody of a band!")
     assert {tok.convert_ids_to_tokens(i) for i in ids} == {"guitar", "melody", "band"}
     assert text_vocab("the of and a") == set()
@@ -134,13 +135,13 @@ def test_text_vocabulary_adds_word_initial_bpe_variants():
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>")
-    ids = zsp.TextVocabulary(tok)("the star.")
+    ids = intext.TextVocabulary(tok)("the star.")
     assert {tok.convert_ids_to_tokens(i) for i in ids} == {"star", "Ġstar"}
 
 
 def test_keep_text_terms_and_fallback():
     reps = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.5, 0.0, 0.7, 0.9], [0.0, 0.0, 0.0, 4.0]])
-    kept, fell_back = zsp.keep_text_terms(reps, [{1, 2}, set(), {0, 1}])
+    kept, fell_back = intext.keep_text_terms(reps, [{1, 2}, set(), {0, 1}])
     assert fell_back == 2  # row 1: nothing allowed; row 2: allowed ids all zero
     torch.testing.assert_close(kept, torch.tensor([[0.0, 1.0, 2.0, 0.0], [0.5, 0.0, 0.7, 0.9], [0.0, 0.0, 0.0, 4.0]]))
 
@@ -179,7 +180,7 @@ def test_main_in_text_only_and_stopword_fallback(tiny, tmp_path):
     texts = DOCS + ["the of and a to"]
     vectors = run_main(tiny, tmp_path, texts, "--zeroshot.doc_topk=4")
     tok = load_tokenizer(str(tiny["llama"]))
-    text_vocab = zsp.TextVocabulary(tok)
+    text_vocab = intext.TextVocabulary(tok)
     for i, text in enumerate(DOCS):
         allowed = {tok.convert_ids_to_tokens(t) for t in text_vocab(text)}
         assert set(vectors[f"t{i}"]) <= allowed
