@@ -285,7 +285,6 @@ def bench_script(folder: Path, texts: list[str], warm: list[str], args, workers:
     compiles the model, as a long job amortises that."""
     import encode  # in this process, so that the warm-up's compiled graphs serve the timed call
 
-
     work = Path(tempfile.mkdtemp(prefix="bench_script_"))
     for name, part in (("warm", warm), ("corpus", texts)):
         with open(work / f"{name}.jsonl", "w") as f:
