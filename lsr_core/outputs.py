@@ -12,8 +12,8 @@ from pathlib import Path
 from lsr_core.config import config_hash, save_config
 from lsr_core.inputs import local_path
 from lsr_core.modeling import RUNTIME_FIELDS
-from lsr_core.sparse import (SHARD_PATTERN, flops_estimate, load_vectors, nnz_stats, read_vectors, shard_name,
-                             vocab_hash, write_meta)
+from lsr_core.sparse import (SHARD_PATTERN, doc_freqs, flops_from_freqs, load_vectors, nnz_stats, read_doc_freqs,
+                             read_meta, shard_name, vocab_hash, write_doc_freqs, write_meta)
 from lsr_core.utils import InputError, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -140,9 +140,23 @@ def summarize(cfg, out: Path, ids: list[str], n_shards: int, is_query: bool, voc
     meta = {"model": cfg.model.name_or_path, "kind": cfg.encode.kind,
             "input": cfg.encode.input, "vocab_size": vocab_size, "shards": n_shards, **stats,
             "topk": cfg.encode.topk, "threshold": cfg.encode.threshold, "scale": cfg.encode.quant_scale}
-    if is_query:
+    if not is_query:  # counted from the vectors already loaded: queries' FLOPs never reload the corpus
+        meta["doc_freqs"] = write_doc_freqs(out, *doc_freqs(vectors))
+    else:
         docs = Path(cfg.encode.flops_docs) if cfg.encode.flops_docs else out.parent / "corpus"
         if (docs / "meta.json").is_file():
-            meta["flops"] = flops_estimate([v for _, v in read_vectors(docs)], vectors)
-            meta["flops_docs"] = str(docs)
+            docs_meta = read_meta(docs)
+            name = docs_meta.get("doc_freqs")
+            if not isinstance(name, str) or not name:
+                logger.warning(f"{docs}: meta.json records no document frequencies (encoded by an older version), so "
+                               f"meta.json gets no FLOPs: re-encode the corpus, or run "
+                               f"`python -m lsr_core.sparse doc-freqs {docs}` and encode the queries again")
+            else:
+                path = docs / Path(name).name  # a name, never a path out of the folder
+                n_docs, df = read_doc_freqs(path)
+                if n_docs != docs_meta.get("count"):
+                    raise InputError(f"{path}: counts {n_docs} documents, {docs / 'meta.json'} records "
+                                     f"{docs_meta.get('count')}: re-encode the corpus")
+                meta["flops"] = flops_from_freqs(n_docs, df, vectors)
+                meta["flops_docs"] = str(docs)
     return meta

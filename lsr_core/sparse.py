@@ -3,6 +3,7 @@
 On disk (DESIGN §5), compatible with Anserini's JsonVectorCollection and Seismic's JSON input:
     <folder>/part-00000.jsonl.gz   one object a line: {"id": "<docid>", "vector": {"<token>": weight, ...}}
     <folder>/meta.json             model, config hash, vocab size, count, empty count, nnz mean/p99, scale, FLOPs
+    <folder>/doc_freqs.json.gz     a corpus's {"n_docs": N, "df": {token: documents holding it}}: queries' FLOPs
 Tokens are the tokenizer's surface strings; weights are floats, or ints `round(w * scale)` when quantised.
 Empty vectors are written as `{}` and counted in meta.json, never replaced by a placeholder token.
 A shard is complete once its file exists (written atomically); a `.tmp` is never read.
@@ -324,16 +325,64 @@ def nnz_stats(nnz: list[int]) -> dict:
             "nnz_p99": p99(arr)}
 
 
-def flops_estimate(doc_vectors: list[dict], query_vectors: list[dict]) -> float:
-    """Expected multiplications per (query, doc) pair: sum_t p_q(t) * p_d(t) (Formal et al.)."""
-    from collections import Counter
+DOC_FREQS = "doc_freqs.json.gz"  # in an encoded corpus folder: {"n_docs": N, "df": {token: documents holding it}}
 
-    if not doc_vectors or not query_vectors:
+
+def doc_freqs(doc_vectors: list[dict]) -> tuple[int, collections.Counter]:
+    """(number of documents, token -> how many of them hold it): all the FLOPs estimate needs of a corpus."""
+    return len(doc_vectors), collections.Counter(t for v in doc_vectors for t in v)
+
+
+def flops_from_freqs(n_docs: int, df: dict, query_vectors: list[dict]) -> float:
+    """Expected multiplications per (query, doc) pair: sum_t p_q(t) * p_d(t) (Formal et al.), where p_d(t) =
+    df[t] / n_docs and p_q(t) the share of queries holding t."""
+    if not n_docs or not query_vectors:
         return 0.0
-    dcount = Counter(t for v in doc_vectors for t in v)
-    qcount = Counter(t for v in query_vectors for t in v)
-    nd, nq = len(doc_vectors), len(query_vectors)
-    return float(sum(c / nq * dcount.get(t, 0) / nd for t, c in qcount.items()))
+    qcount = collections.Counter(t for v in query_vectors for t in v)
+    nq = len(query_vectors)
+    return float(sum(c / nq * df.get(t, 0) / n_docs for t, c in qcount.items()))
+
+
+def flops_estimate(doc_vectors: list[dict], query_vectors: list[dict]) -> float:
+    """`flops_from_freqs` over the document frequencies of `doc_vectors`."""
+    return flops_from_freqs(*doc_freqs(doc_vectors), query_vectors)
+
+
+def write_doc_freqs(folder: str | Path, n_docs: int, df: dict) -> str:
+    """Save `doc_freqs`' result in `folder` (atomically); returns the file's name, for meta.json's `doc_freqs`."""
+    from lsr_core.utils import atomic_open
+
+    with atomic_open(Path(folder) / DOC_FREQS) as f:
+        json.dump({"n_docs": n_docs, "df": df}, f, ensure_ascii=False)
+    return DOC_FREQS
+
+
+def read_doc_freqs(path: str | Path) -> tuple[int, dict]:
+    """(n_docs, df) from `write_doc_freqs`' file; a damaged one raises InputError naming it."""
+    from lsr_core.utils import open_text
+
+    path = Path(path)
+    fix = f"re-encode the corpus, or run: python -m lsr_core.sparse doc-freqs {path.parent}"
+    with open_text(path) as f:  # gzip or UTF-8 damage: InputError naming the file
+        text = "".join(f)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}: invalid JSON ({err.msg}); {fix}") from None
+    n_docs, df = (obj.get("n_docs"), obj.get("df")) if isinstance(obj, dict) else (None, None)
+    if type(n_docs) is not int or n_docs < 0 or not isinstance(df, dict) or \
+            not all(type(c) is int and 0 < c <= n_docs for c in df.values()):
+        raise InputError(f"{path}: expected {{\"n_docs\": count, \"df\": {{token: count of documents, 1 to "
+                         f"n_docs}}}}; {fix}")
+    return n_docs, df
+
+
+def save_doc_freqs(folder: str | Path) -> None:
+    """For a corpus encoded before document frequencies were saved: count them from its shards, write the file and
+    record it in meta.json, so that encoding queries can estimate FLOPs without reading the corpus."""
+    _, vectors, meta = load_encoded(folder)
+    meta["doc_freqs"] = write_doc_freqs(folder, *doc_freqs(vectors))
+    write_meta(folder, meta)
 
 
 def write_meta(folder: str | Path, meta: dict) -> None:
@@ -392,3 +441,18 @@ def load_encoded(folder: str | Path) -> tuple[list[str], list[dict], dict]:
 
 def p99(values) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), 99)) if len(values) else math.nan
+
+
+if __name__ == "__main__":
+    import sys
+
+    from lsr_core.utils import run_script
+
+    def _main(argv=None):
+        argv = sys.argv[1:] if argv is None else argv
+        if len(argv) != 2 or argv[0] != "doc-freqs":
+            sys.exit("usage: python -m lsr_core.sparse doc-freqs <encoded corpus folder>")
+        save_doc_freqs(argv[1])
+        print(f"wrote {Path(argv[1]) / DOC_FREQS}")
+
+    run_script(_main)

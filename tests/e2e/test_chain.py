@@ -14,7 +14,7 @@ import evaluate
 import index
 import search
 import train
-from lsr_core.sparse import load_vectors, read_meta
+from lsr_core.sparse import DOC_FREQS, doc_freqs, flops_estimate, load_vectors, read_doc_freqs, read_meta
 from lsr_core.utils import InputError
 from lsr_core.tiny import make_collection, make_model
 
@@ -123,6 +123,63 @@ def test_encoded_schema_loads_in_seismic_and_fits_anserini(trained, tmp_path):
     built = seismic.SeismicIndex.build(str(plain), n_postings=50, centroid_fraction=0.5, min_cluster_size=2,
                                        summary_energy=0.5, load_content=False)
     assert built.len == 48
+
+
+def test_query_flops_come_from_the_saved_document_frequencies(trained, tmp_path, caplog):
+    """Encoding the corpus saves its document frequencies; encoding queries estimates FLOPs from them alone (the
+    corpus folder given here holds no shard) and gets the value computed from every corpus vector."""
+    root, out = trained
+    corpus = out / "encode" / "corpus"
+    _, doc_vecs = load_vectors(corpus)
+    _, query_vecs = load_vectors(out / "encode" / "queries")
+    assert read_meta(corpus)["doc_freqs"] == DOC_FREQS
+    assert read_doc_freqs(corpus / DOC_FREQS) == doc_freqs(doc_vecs)
+    expected = flops_estimate(doc_vecs, query_vecs)
+    assert expected > 0 and read_meta(out / "encode" / "queries")["flops"] == expected
+
+    shardless = tmp_path / "corpus"
+    shardless.mkdir()
+    for name in ("meta.json", DOC_FREQS):
+        (shardless / name).write_bytes((corpus / name).read_bytes())
+    args = [f"--exp.output_dir={out}", f"--encode.input={root}/data/queries.jsonl", "--encode.kind=query",
+            f"--encode.flops_docs={shardless}"]
+    encode.main(args + [f"--encode.output={tmp_path / 'q'}"])
+    meta = read_meta(tmp_path / "q")
+    assert meta["flops"] == expected and meta["flops_docs"] == str(shardless)
+
+    # a corpus encoded before the frequencies were saved: a warning saying how to get them, no FLOPs, no reading
+    older = read_meta(shardless)
+    del older["doc_freqs"]
+    (shardless / "meta.json").write_text(json.dumps(older))
+    with caplog.at_level("WARNING"):
+        encode.main(args + [f"--encode.output={tmp_path / 'old'}"])
+    assert "flops" not in read_meta(tmp_path / "old")
+    assert f"python -m lsr_core.sparse doc-freqs {shardless}" in caplog.text
+
+    older["doc_freqs"] = DOC_FREQS
+    (shardless / "meta.json").write_text(json.dumps(older))
+    (shardless / DOC_FREQS).write_bytes(gzip.compress(b'{"n_docs": 48, "df": {"a": 49}}'))
+    with pytest.raises(InputError, match=rf"^{shardless / DOC_FREQS}: expected .*re-encode the corpus"):
+        encode.main(args + [f"--encode.output={tmp_path / 'bad'}"])
+    (shardless / DOC_FREQS).write_bytes(gzip.compress(b'{"n_docs": 48, "df": {')[:-6])
+    with pytest.raises(InputError, match=rf"^{shardless / DOC_FREQS}: truncated or corrupt gzip"):
+        encode.main(args + [f"--encode.output={tmp_path / 'cut'}"])
+
+
+def test_doc_freqs_of_an_older_corpus_are_saved_by_one_command(trained, tmp_path):
+    _, out = trained
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for path in out.joinpath("encode", "corpus").glob("part-*.jsonl.gz"):
+        (corpus / path.name).write_bytes(path.read_bytes())
+    meta = read_meta(out / "encode" / "corpus")
+    del meta["doc_freqs"]
+    (corpus / "meta.json").write_text(json.dumps(meta))
+    done = subprocess.run([sys.executable, "-m", "lsr_core.sparse", "doc-freqs", str(corpus)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == f"wrote {corpus / DOC_FREQS}\n", done.stderr
+    assert read_meta(corpus) == {**meta, "doc_freqs": DOC_FREQS}
+    assert read_doc_freqs(corpus / DOC_FREQS) == doc_freqs(load_vectors(corpus)[1])
 
 
 def test_quantised_weights_are_integers(trained, tmp_path):

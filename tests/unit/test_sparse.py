@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from lsr_core.sparse import ShardWriter, VectorWriters, prune, quantize, to_vector, vector_rows
+from lsr_core.sparse import (ShardWriter, VectorWriters, doc_freqs, flops_estimate, flops_from_freqs, prune, quantize,
+                             read_doc_freqs, to_vector, vector_rows, write_doc_freqs)
+from lsr_core.utils import InputError
 
 
 def reference_prune(reps, topk, threshold):
@@ -144,3 +146,43 @@ def test_shards_compressed_in_pieces_read_back_as_one_gzip_stream(tmp_path, thre
             tested = subprocess.run(["gzip", "-t", str(path)], capture_output=True, text=True)
             assert tested.returncode == 0, tested.stderr
     assert list(tmp_path.glob(".*.tmp")) == []
+
+
+def reference_flops(doc_vectors, query_vectors):
+    """sum over query terms t of (share of queries holding t) x (share of documents holding t), from the vectors."""
+    if not doc_vectors or not query_vectors:
+        return 0.0
+    return float(sum(sum(t in q for q in query_vectors) / len(query_vectors)
+                     * sum(t in d for d in doc_vectors) / len(doc_vectors)
+                     for t in dict.fromkeys(t for q in query_vectors for t in q)))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_flops_from_saved_frequencies_equal_flops_from_the_vectors(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    tokens = [f"t{i}" for i in range(60)] + ["é", "##s"]
+
+    def vectors(n, most):
+        return [{str(t): float(rng.random()) for t in rng.choice(tokens, rng.integers(0, most), replace=False)}
+                for _ in range(n)]
+
+    docs, queries = vectors(int(rng.integers(1, 200)), 40), vectors(int(rng.integers(1, 50)), 10)
+    write_doc_freqs(tmp_path, *doc_freqs(docs))
+    n_docs, df = read_doc_freqs(tmp_path / "doc_freqs.json.gz")
+    assert (n_docs, df) == doc_freqs(docs) and n_docs == len(docs)
+    assert flops_from_freqs(n_docs, df, queries) == flops_estimate(docs, queries)  # one formula, bit for bit
+    assert flops_estimate(docs, queries) == pytest.approx(reference_flops(docs, queries), rel=1e-12, abs=1e-15)
+    assert flops_from_freqs(0, {}, queries) == flops_from_freqs(n_docs, df, []) == 0.0
+
+
+@pytest.mark.parametrize("content,message", [
+    (b'{"n_docs": 2, "df": {"a": 3}}', "expected"), (b'{"n_docs": "2", "df": {}}', "expected"),
+    (b'{"n_docs": 2, "df": {"a": true}}', "expected"), (b"[1]", "expected"), (b'{"n_docs": 2', "invalid JSON")])
+def test_a_damaged_doc_freqs_file_is_one_error_naming_it(tmp_path, content, message):
+    import gzip
+
+    path = tmp_path / "doc_freqs.json.gz"
+    path.write_bytes(gzip.compress(content))
+    with pytest.raises(InputError, match=rf"^{path}: {message}.*re-encode the corpus, or run: python -m "
+                                         rf"lsr_core.sparse doc-freqs {tmp_path}$"):
+        read_doc_freqs(path)
