@@ -37,7 +37,8 @@ from lsr_core.inputs import local_path, read_input, resolve_model_path
 from lsr_core.modeling import build_model
 from lsr_core.outputs import claim_output, counts_path, encode_settings, finish, shard_counts, unfinished
 from lsr_core.pipeline import check_finite, encode_shard
-from lsr_core.sparse import ShardWriter, VectorWriters, id_to_token_list, prune, shard_name
+from lsr_core.sparse import ShardWriter, id_to_token_list, prune, shard_name
+from lsr_core.writers import VectorWriters
 from lsr_core.utils import accelerator_kwargs, atomic_write_json, run_script
 
 logger = get_logger(__name__)

@@ -36,7 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lsr_core.sparse import ShardWriter, VectorWriters, kept_columns, prune, to_vector, vector_rows  # noqa: E402
+from lsr_core.sparse import ShardWriter, kept_columns, prune, to_vector, vector_rows  # noqa: E402
+from lsr_core.writers import VectorWriters  # noqa: E402
 from lsr_core.utils import atomic_open, write_gzip_lines  # noqa: E402
 
 

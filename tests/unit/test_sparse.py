@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from lsr_core.sparse import (ShardWriter, VectorWriters, doc_freqs, flops_estimate, flops_from_freqs, prune, quantize,
+from lsr_core.sparse import (ShardWriter, doc_freqs, flops_estimate, flops_from_freqs, prune, quantize,
                              read_doc_freqs, to_vector, vector_rows, write_doc_freqs)
 from lsr_core.utils import InputError
+from lsr_core.writers import VectorWriters
 
 
 def reference_prune(reps, topk, threshold):
