@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     if not source.exists():
         raise InputError(f"encoded documents not found: {source} (run encode.py first)")
-    doc_ids, doc_vectors, source_meta = load_encoded(source)  # incomplete folders, duplicate ids: InputError
+    # streamed into one CSR matrix, never a dict per document: a corpus costs about its CSR bytes in memory
+    doc_ids, (doc_matrix, doc_vocab), source_meta = load_encoded(source, csr=True)  # incomplete, duplicates: InputError
     logger.info("loaded %d documents", len(doc_ids))
 
     stale = sweep_stale(output.parent, [f".{output.name}.tmp-", f".{output.name}.old-"])
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)  # ours by name: a killed run whose pid this process now has
     try:
         start = time.perf_counter()
-        index = engines.build(engine, doc_ids, doc_vectors, tmp, params)
+        index = engines.build(engine, doc_ids, doc_matrix, tmp, params, vocab=doc_vocab)
         build_seconds = time.perf_counter() - start
         index.close()  # milvus-lite holds its folder until closed
         meta = {"engine": engine, "params": params, "input": str(source), "count": len(doc_ids),

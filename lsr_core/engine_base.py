@@ -68,19 +68,22 @@ class Engine:
         self.vocab: dict[str, int] = {}
         self.empty_queries = 0
 
-    def build(self, doc_ids: list[str], doc_vectors, folder: str | Path) -> "Engine":
+    def build(self, doc_ids: list[str], doc_vectors, folder: str | Path, vocab: dict[str, int] | None = None
+              ) -> "Engine":
+        """`doc_vectors`: dicts, or CSR with `vocab` (token -> its column, as `sparse.load_csr` gives)."""
         n_vectors = doc_vectors.shape[0] if sp.issparse(doc_vectors) else len(doc_vectors)
         if len(doc_ids) != n_vectors:
             raise InputError(f"{len(doc_ids)} doc ids for {n_vectors} vectors")
         dup = next((d for d, n in Counter(doc_ids).items() if n > 1), None)
         if dup is not None:
             raise InputError(f"duplicate doc id '{dup}'")
-        docs, self.vocab = as_csr(doc_vectors, None)
+        docs, self.vocab = as_csr(doc_vectors, vocab)
         order = sorted(range(len(doc_ids)), key=doc_ids.__getitem__)  # doc number order == docid order
         self.doc_ids = [doc_ids[i] for i in order]
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self._build(docs[order], folder)
+        docs = docs[order]  # rebound, so that the unordered copy is freed before the engine builds its own
+        self._build(docs, folder)
         atomic_write_json(folder / "ids.json", self.doc_ids)
         tokens = [""] * len(self.vocab)
         for tok, col in self.vocab.items():

@@ -294,9 +294,11 @@ def config_params(engine: str, section) -> dict:
     return {k[len(prefix):]: v for k, v in vars(section).items() if k.startswith(prefix)}
 
 
-def build(engine: str, doc_ids: list[str], doc_vectors, folder: str | Path, params: dict | None = None) -> Engine:
-    """Build an index of `doc_vectors` (dicts or CSR) into `folder`; returns the engine, ready to search."""
-    return engine_class(engine)(params).build(doc_ids, doc_vectors, folder)
+def build(engine: str, doc_ids: list[str], doc_vectors, folder: str | Path, params: dict | None = None,
+          vocab: dict[str, int] | None = None) -> Engine:
+    """Build an index of `doc_vectors` (dicts, or CSR with its `vocab`) into `folder`; returns the engine, ready to
+    search."""
+    return engine_class(engine)(params).build(doc_ids, doc_vectors, folder, vocab)
 
 
 def load_info(folder: str | Path) -> dict:

@@ -171,16 +171,57 @@ def read_vectors(folder_or_file: str | Path) -> Iterator[tuple[str, dict]]:
         yield rid, vector
 
 
-def load_vectors(folder_or_file: str | Path) -> tuple[list[str], list[dict]]:
-    """All vectors; duplicate ids are an error."""
-    ids, vecs, seen = [], [], set()
+def _unique_vectors(folder_or_file: str | Path) -> Iterator[tuple[str, dict]]:
+    """`_vector_lines`' (id, vector); a duplicate id is an error naming file:line."""
+    seen = set()
     for file, lineno, rid, vec in _vector_lines(folder_or_file):
         if rid in seen:
             raise InputError(f"{file}:{lineno}: duplicate id '{rid}'")
         seen.add(rid)
+        yield rid, vec
+
+
+def load_vectors(folder_or_file: str | Path) -> tuple[list[str], list[dict]]:
+    """All vectors; duplicate ids are an error."""
+    ids, vecs = [], []
+    for rid, vec in _unique_vectors(folder_or_file):
         ids.append(rid)
         vecs.append(vec)
     return ids, vecs
+
+
+def load_csr(folder_or_file: str | Path, chunk: int = 10000, nnz_hint: int = 0):
+    """`to_csr(load_vectors(...))` as (ids, CSR float32, vocab), same checks, no dict kept per vector: every `chunk`
+    lines go into int32/float32 arrays with room for `nnz_hint` terms (grown by half when full; unwritten pages cost
+    no memory), so a corpus costs about its CSR bytes, not ~20x that in Python objects."""
+    import scipy.sparse as sp
+
+    ids, vocab, lengths, cols, weights, used = [], {}, [], [], [], 0
+    indices, data = np.empty(max(nnz_hint, chunk), np.int32), np.empty(max(nnz_hint, chunk), np.float32)
+
+    def flush():
+        nonlocal indices, data, used
+        if used + len(cols) > len(indices):
+            room = max(used + len(cols), len(indices) * 3 // 2)
+            indices, data = (np.concatenate([a[:used], np.empty(room - used, a.dtype)]) for a in (indices, data))
+        indices[used:used + len(cols)] = cols
+        data[used:used + len(cols)] = weights
+        used += len(cols)
+        del cols[:], weights[:]
+
+    for rid, vec in _unique_vectors(folder_or_file):
+        ids.append(rid)
+        lengths.append(len(vec))
+        cols.extend([vocab.setdefault(tok, len(vocab)) for tok in vec])  # a new token gets the next column
+        weights.extend(vec.values())  # checked finite, >= 0 and within float32 by `_vector_lines`
+        if len(ids) % chunk == 0:
+            flush()
+    flush()
+    indptr = np.zeros(len(ids) + 1, np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    if used < np.iinfo(np.int32).max:  # int32 indices and indptr keep scipy from upcasting both to int64
+        indptr = indptr.astype(np.int32)
+    return ids, sp.csr_matrix((data[:used], indices[:used], indptr), shape=(len(ids), max(len(vocab), 1))), vocab
 
 
 def to_csr(vectors: list[dict], vocab: dict[str, int] | None = None):
@@ -326,10 +367,14 @@ def check_encoded(folder: str | Path) -> dict:
     return meta
 
 
-def load_encoded(folder: str | Path) -> tuple[list[str], list[dict], dict]:
-    """(ids, vectors, meta) of a finished shard folder: `check_encoded`, then every line, as many as meta.json says."""
+def load_encoded(folder: str | Path, csr: bool = False) -> tuple:
+    """(ids, vectors, meta) of a finished shard folder: `check_encoded`, then every line, as many as meta.json says;
+    `csr`: (ids, (CSR, vocab), meta) from `load_csr`, no dict per vector."""
     meta = check_encoded(folder)
-    ids, vectors = load_vectors(folder)
+    mean = meta.get("nnz_mean")  # room for the terms meta.json announces: no arrays grown and copied while reading
+    hint = int(meta["count"] * mean * 1.01) if type(mean) in (int, float) and 0 <= mean <= 1e5 else 0
+    ids, *vectors = load_csr(folder, nnz_hint=hint) if csr else load_vectors(folder)
+    vectors = tuple(vectors) if csr else vectors[0]
     if len(ids) != meta["count"]:
         raise InputError(f"{folder}: {len(ids)} vectors in {meta['shards']} shard(s), but meta.json records "
                          f"{meta['count']} (a shard was cut short or replaced); re-run encode.py")
