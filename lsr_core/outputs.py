@@ -14,7 +14,7 @@ from lsr_core.inputs import local_path
 from lsr_core.modeling import RUNTIME_FIELDS
 from lsr_core.sparse import (SHARD_PATTERN, doc_freqs, flops_from_freqs, load_vectors, nnz_stats, read_doc_freqs,
                              read_meta, shard_name, vocab_hash, write_doc_freqs, write_meta)
-from lsr_core.utils import InputError, atomic_write_json
+from lsr_core.utils import InputError, atomic_write_json, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +58,7 @@ def claim_output(accelerator, out: Path, settings: dict, overwrite: bool) -> Non
         if not recorded.is_file():
             raise InputError(f"{out}: holds {len(shards)} shard(s) but no {STATE}/settings.json saying how they were "
                              f"made (by zeroshot_prompt.py, or an older encode.py): {how}")
-        try:
-            before = json.loads(recorded.read_text())
-        except (OSError, ValueError) as err:
-            raise InputError(f"{recorded}: unreadable ({err}): {how}") from None
-        before = _flat(before)
+        before = _flat(read_json(recorded, how))
         changed = [f"{key} {before.get(key)!r} -> {now!r}" for key, now in _flat(settings).items()
                    if before.get(key) != now]
         if changed:

@@ -141,6 +141,11 @@ def test_a_rerun_with_other_settings_is_refused_or_overwrites(tiny, tmp_path):
     meta = read_meta(dest)
     assert meta["topk"] == 5 and meta["shards"] == 5 and meta["count"] == 48
 
+    # a torn record of the settings: one line naming it
+    (dest / ".encode" / "settings.json").write_text('{"model": ')
+    with pytest.raises(InputError, match=r"docs/.encode/settings.json:1: invalid JSON \(Expecting value\); set "
+                                         r"encode.overwrite=true"):
+        encode.main(base + ["--encode.topk=5", "--encode.shard_size=10"])
     # shards without a record of their settings (zeroshot_prompt.py, an older encode.py): refused as well
     (dest / ".encode" / "settings.json").unlink()
     with pytest.raises(InputError, match=r"docs: holds 5 shard\(s\) but no .encode/settings.json saying how they "
