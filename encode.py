@@ -65,9 +65,8 @@ def main(argv=None) -> Path:
         (logger.warning if doubtful else logger.info)(f"model: {cfg.model.name_or_path} ({why})")
         if accelerator.device.type == "cuda" and cfg.model.dtype == "float32":
             cfg.model.dtype = "bfloat16"  # inference in bf16 on GPU; the head pools in float32
-        model = build_model(cfg.model).to(accelerator.device).eval()
-        if enc.max_length:
-            setattr(model.spec, "max_query_len" if is_query else "max_doc_len", enc.max_length)
+        lengths = {"max_query_len" if is_query else "max_doc_len": enc.max_length} if enc.max_length else None
+        model = build_model(cfg.model, max_lengths=lengths).to(accelerator.device).eval()
         max_length = model.spec.max_query_len if is_query else model.spec.max_doc_len
         vocab = id_to_token_list(model.tokenizer)
         settings = encode_settings(cfg, model, vocab, len(ids), per_shard, max_length)

@@ -15,7 +15,7 @@ Saved layout (`SparseModel.save`): `lsr_config.json` + an HF folder at the root 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -279,9 +279,10 @@ def compile_blocks(backbone: nn.Module, mode: str, scope: str = "stack") -> None
             backbone.get_submodule(name.rpartition(".")[0]).compile(mode=mode)
 
 
-def build_model(mcfg, training: bool = False) -> SparseModel:
+def build_model(mcfg, training: bool = False, max_lengths: dict[str, int] | None = None) -> SparseModel:
     """Build a SparseModel from `cfg.model`: a folder saved by `SparseModel.save` (its lsr_config.json decides
-    everything about the heads), or any HF backbone (the model section decides)."""
+    everything about the heads), or any HF backbone (the model section decides). `max_lengths` ({"max_query_len":
+    n} and/or {"max_doc_len": n}) overrides the lengths either source gives, as encode.max_length does."""
     name = mcfg.name_or_path
     if not name:
         raise ModelLoadError("model.name_or_path is empty")
@@ -315,6 +316,8 @@ def build_model(mcfg, training: bool = False) -> SparseModel:
             q_backbone, _ = load_backbone(name, mcfg.kind, **load_kw)
     if spec is None:
         spec = LSRSpec.from_model_config(mcfg, kind)
+    if max_lengths:
+        spec = replace(spec, **max_lengths)
     if spec.decoding not in KINDS[spec.kind].decodings:
         owners = " / ".join(k for k, row in KINDS.items() if spec.decoding in row.decodings)
         raise ModelLoadError(f"model.decoding={spec.decoding} applies only to {owners} backbones "

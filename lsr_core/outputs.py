@@ -89,13 +89,19 @@ def _flat(settings: dict) -> dict:
 
 
 def shard_counts(out: Path, n_shards: int, key: str) -> int | None:
-    """The sum of one per-shard count over every shard (None when a shard's counts are missing)."""
+    """The sum of one per-shard count over every shard; None (with a warning) when a shard has no counts file, as
+    shards written before the file existed have; a damaged file or one without `key` is an error naming it."""
     total = 0
     for shard in range(n_shards):
-        try:
-            total += json.loads(counts_path(out, shard).read_text())[key]
-        except (OSError, ValueError, KeyError):
+        path = counts_path(out, shard)
+        if not path.exists():
+            logger.warning(f"{path} is missing: {key} not counted for this output")
             return None
+        counts = read_json(path, "remove the shard and its counts file and encode again")
+        value = counts.get(key) if isinstance(counts, dict) else None
+        if type(value) is not int or value < 0:
+            raise InputError(f"{path}: '{key}' must be a count, got {value!r}")
+        total += value
     return total
 
 

@@ -297,16 +297,9 @@ def write_doc_freqs(folder: str | Path, n_docs: int, df: dict) -> str:
 
 def read_doc_freqs(path: str | Path) -> tuple[int, dict]:
     """(n_docs, df) from `write_doc_freqs`' file; a damaged one raises InputError naming it."""
-    from lsr_core.utils import open_text
-
     path = Path(path)
     fix = f"re-encode the corpus, or run: python -m lsr_core.sparse doc-freqs {path.parent}"
-    with open_text(path) as f:  # gzip or UTF-8 damage: InputError naming the file
-        text = "".join(f)
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path}: invalid JSON ({err.msg}); {fix}") from None
+    obj = read_json(path, fix)
     n_docs, df = (obj.get("n_docs"), obj.get("df")) if isinstance(obj, dict) else (None, None)
     if type(n_docs) is not int or n_docs < 0 or not isinstance(df, dict) or \
             not all(type(c) is int and 0 < c <= n_docs for c in df.values()):

@@ -191,11 +191,15 @@ def check_id(path, lineno: int, rid, row: bool = False) -> str:
 
 
 def read_json(path: str | Path, fix: str = ""):
-    """A whole JSON file (meta.json, an index's engine.json and the like); a missing, unreadable, non-UTF-8 or
-    malformed file raises InputError naming the file (and the line), followed by `fix` (what to do) when given."""
+    """A whole JSON file (meta.json, an index's engine.json and the like), gzip-compressed when named `*.gz`; a
+    missing, unreadable, non-UTF-8 or malformed file raises InputError naming the file (and the line), followed by
+    `fix` (what to do) when given."""
     path = Path(path)
     then = f"; {fix}" if fix else ""
     try:
+        if path.name.endswith(".gz"):
+            with open_text(path) as f:  # gzip damage: InputError naming the file
+                return json.loads("".join(f))
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"{path}: file not found{then}") from None

@@ -21,6 +21,7 @@ import encode
 from lsr_core.config import ConfigError, ModelConfig, save_config, load_config
 from lsr_core.backbones import load_tokenizer
 from lsr_core.modeling import build_model
+from lsr_core.outputs import counts_path
 from lsr_core.sparse import id_to_token_list, load_vectors, read_meta, vocab_hash
 from lsr_core.utils import InputError
 from lsr_core.tiny import make_collection, make_model
@@ -237,6 +238,18 @@ def test_texts_cut_at_the_max_length_are_counted(tiny, tmp_path, caplog, capsys,
     encode.main(argv)
     assert read_meta(dest)["truncated"] == expected
     assert f"(4 this run" in capsys.readouterr().out
+    if extra:
+        return
+    # a shard's counts: torn -> an error naming the file; missing (an older encode.py) -> not counted, said so
+    counts = counts_path(dest, 1)
+    counts.write_text('{"texts": 10, "trunc')
+    (dest / "meta.json").unlink()
+    with pytest.raises(InputError, match=rf"{counts}:1: invalid JSON .*; remove the shard and its counts file"):
+        encode.main(argv)
+    counts.unlink()
+    with caplog.at_level(logging.WARNING, logger="lsr_core.outputs"):
+        encode.main(argv)
+    assert read_meta(dest)["truncated"] is None and f"{counts} is missing: truncated not counted" in caplog.text
 
 
 def test_queries_within_the_max_length_count_none(tiny, tmp_path, capsys):

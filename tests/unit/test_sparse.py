@@ -177,13 +177,13 @@ def test_flops_from_saved_frequencies_equal_flops_from_the_vectors(tmp_path, see
 
 
 @pytest.mark.parametrize("content,message", [
-    (b'{"n_docs": 2, "df": {"a": 3}}', "expected"), (b'{"n_docs": "2", "df": {}}', "expected"),
-    (b'{"n_docs": 2, "df": {"a": true}}', "expected"), (b"[1]", "expected"), (b'{"n_docs": 2', "invalid JSON")])
+    (b'{"n_docs": 2, "df": {"a": 3}}', ": expected"), (b'{"n_docs": "2", "df": {}}', ": expected"),
+    (b'{"n_docs": 2, "df": {"a": true}}', ": expected"), (b"[1]", ": expected"), (b'{"n_docs": 2', ":1: invalid JSON")])
 def test_a_damaged_doc_freqs_file_is_one_error_naming_it(tmp_path, content, message):
     import gzip
 
     path = tmp_path / "doc_freqs.json.gz"
     path.write_bytes(gzip.compress(content))
-    with pytest.raises(InputError, match=rf"^{path}: {message}.*re-encode the corpus, or run: python -m "
+    with pytest.raises(InputError, match=rf"^{path}{message}.*re-encode the corpus, or run: python -m "
                                          rf"lsr_core.sparse doc-freqs {tmp_path}$"):
         read_doc_freqs(path)

@@ -43,31 +43,42 @@ def zeroshot_reps(folder, texts, steps=1, emit_dense=False, **overrides):
         return zsp.next_token_reps(model, kind, batch, steps, emit_dense)
 
 
-def direct_logits(model, kind, tok, prompt: str, add_special: bool = True, steps: int = 1):
-    """The reference: the HF model on one unpadded prompt, full logits, greedy steps re-run without a cache.
-    Written out per kind on purpose, not read from backbones.KINDS: it is the independent check of that table."""
-    ids = torch.tensor([tok(prompt, add_special_tokens=add_special)["input_ids"]])
+def _direct_seq2seq(model, tok, ids, steps):
+    dec = torch.tensor([[model.config.decoder_start_token_id]])
     all_logits = []
-    with torch.inference_mode():
-        if kind == "encoder_decoder":
-            dec = torch.tensor([[model.config.decoder_start_token_id]])
-            for _ in range(steps):
-                logits = model(input_ids=ids, decoder_input_ids=dec).logits[0, -1]
-                all_logits.append(logits)
-                dec = torch.cat([dec, logits.argmax().view(1, 1)], dim=1)
-        elif kind == "encoder":
-            out = model(input_ids=ids, output_hidden_states=True)
-            pos = (ids[0] == tok.mask_token_id).nonzero()[-1, 0]
-            return [out.logits[0, pos]], out.hidden_states[-1][0, pos]
-        else:
-            for step in range(steps):
-                out = model(input_ids=ids, output_hidden_states=True)
-                if step == 0:
-                    hidden = out.hidden_states[-1][0, -1]
-                all_logits.append(out.logits[0, -1])
-                ids = torch.cat([ids, out.logits[0, -1].argmax().view(1, 1)], dim=1)
-            return all_logits, hidden
+    for _ in range(steps):
+        logits = model(input_ids=ids, decoder_input_ids=dec).logits[0, -1]
+        all_logits.append(logits)
+        dec = torch.cat([dec, logits.argmax().view(1, 1)], dim=1)
     return all_logits, None
+
+
+def _direct_mlm(model, tok, ids, steps):
+    out = model(input_ids=ids, output_hidden_states=True)
+    pos = (ids[0] == tok.mask_token_id).nonzero()[-1, 0]
+    return [out.logits[0, pos]], out.hidden_states[-1][0, pos]
+
+
+def _direct_causal(model, tok, ids, steps):
+    all_logits = []
+    for step in range(steps):
+        out = model(input_ids=ids, output_hidden_states=True)
+        if step == 0:
+            hidden = out.hidden_states[-1][0, -1]
+        all_logits.append(out.logits[0, -1])
+        ids = torch.cat([ids, out.logits[0, -1].argmax().view(1, 1)], dim=1)
+    return all_logits, hidden
+
+
+# written out per kind on purpose, not read from backbones.KINDS: they are the independent check of that table
+DIRECT = {"encoder_decoder": _direct_seq2seq, "encoder": _direct_mlm, "decoder": _direct_causal}
+
+
+def direct_logits(model, kind, tok, prompt: str, add_special: bool = True, steps: int = 1):
+    """The reference: the HF model on one unpadded prompt, full logits, greedy steps re-run without a cache."""
+    ids = torch.tensor([tok(prompt, add_special_tokens=add_special)["input_ids"]])
+    with torch.inference_mode():
+        return DIRECT[kind](model, tok, ids, steps)
 
 
 def act(logits):
@@ -230,22 +241,32 @@ REF_DOC_PROMPT = ("<s>[INST] You are a powerful lexical search engine. You are t
                   "lowercase. \n Passage: ")
 
 
+def _reference_seq2seq(model, enc):
+    """T5: the decoder reads the input shifted right, and the mask is the attention mask shifted right."""
+    logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                   decoder_input_ids=model._shift_right(enc["input_ids"])).logits
+    return logits, model._shift_right(enc["attention_mask"])
+
+
+def _reference_single_stack(model, enc):
+    """Decoder / encoder: the mask is attention x (1 - special tokens)."""
+    logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+    return logits, enc["attention_mask"] * (1 - enc["special_tokens_mask"])
+
+
+# per kind on purpose, not read from backbones.KINDS: the independent check of that table
+REFERENCE_FORWARD = {"encoder_decoder": _reference_seq2seq, "encoder": _reference_single_stack,
+                     "decoder": _reference_single_stack}
+
+
 def reference_reps(model, kind, tok, texts, max_length=250):
     """The reference's encoder forward, written out: full logits at every position of the right-padded batch,
-    multiplied by the mask (decoder/encoder: attention x (1 - special tokens); T5: the decoder reads the input
-    shifted right and the mask is the attention mask shifted right), then log1p(relu), then the max over positions.
-    Per kind on purpose, not read from backbones.KINDS: it is the independent check of that table."""
+    multiplied by the mask, then log1p(relu), then the max over positions."""
     tok.padding_side = "right"
     enc = tok([REF_DOC_PROMPT + t for t in texts], padding=True, truncation=True, max_length=max_length,
               return_special_tokens_mask=True, return_tensors="pt")
     with torch.inference_mode():
-        if kind == "encoder_decoder":
-            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                           decoder_input_ids=model._shift_right(enc["input_ids"])).logits
-            mask = model._shift_right(enc["attention_mask"])
-        else:
-            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
-            mask = enc["attention_mask"] * (1 - enc["special_tokens_mask"])
+        logits, mask = REFERENCE_FORWARD[kind](model, enc)
     return torch.log1p(torch.relu(logits.float() * mask[..., None])).amax(dim=1)
 
 
@@ -259,13 +280,20 @@ def test_multi_token_reps_equal_reference_formula(tiny, arch):
     assert ours.dtype == torch.float32 and ours.shape == expected.shape
     assert torch.equal(ours > 0, expected > 0)
     assert (ours - expected).abs().max() <= 1e-5
-    if kind == "decoder":  # a property of causal attention, which this test states, not a row of KINDS: right
-        # padding leaves every real position as it is alone
-        alone = zsp.multi_token_batch(model, kind, tok, REF_DOC_PROMPT + "{text}", texts[1:2], zs, torch.device("cpu"))
-        assert (alone[0] - ours[1]).abs().max() <= 1e-5
     cut = zsp.multi_token_batch(model, kind, tok, REF_DOC_PROMPT + "{text}", texts, load_config(
         ["--zeroshot.max_length=12"]).zeroshot, torch.device("cpu"))
     assert (cut - reference_reps(model, kind, tok, texts, max_length=12)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_multi_token_right_padding_leaves_causal_positions_alone(tiny, arch):
+    """A property of causal attention: a right-padded text's real positions are as they are alone."""
+    model, kind, tok = load(tiny[arch])
+    zs = load_config(["--zeroshot.method=multi_token"]).zeroshot
+    texts = ["star planet orbit telescope galaxy comet moon solar", "goal"]
+    batch = zsp.multi_token_batch(model, kind, tok, REF_DOC_PROMPT + "{text}", texts, zs, torch.device("cpu"))
+    alone = zsp.multi_token_batch(model, kind, tok, REF_DOC_PROMPT + "{text}", texts[1:], zs, torch.device("cpu"))
+    assert (alone[0] - batch[1]).abs().max() <= 1e-5
 
 
 def test_treebank_words_and_nltk_stopwords():
