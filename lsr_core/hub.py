@@ -96,9 +96,9 @@ def read_run(run: str | Path, folder: str | Path | None = None, metrics: str | P
     if not config_path.is_file():
         raise InputError(f"{config_path}: file not found; --run takes train.py's output folder")
     cfg = load_config(["--cfg", str(config_path)], runs_model=False)
-    spec_path = folder / "lsr_config.json"
-    spec = read_json(spec_path) if spec_path.is_file() else None
-    if spec is not None and not isinstance(spec, dict):
+    spec_path = run / "final" / "lsr_config.json"  # the trained model, whichever folder is uploaded
+    spec = read_json(spec_path, "train.py writes it into final/ at the end of a run")
+    if not isinstance(spec, dict):
         raise InputError(f"{spec_path}: expected a JSON object")
     metrics_path = Path(metrics) if metrics else run / "eval" / "metrics.json"
     eval_config = metrics_path.parent / "config.yaml"
@@ -107,7 +107,7 @@ def read_run(run: str | Path, folder: str | Path | None = None, metrics: str | P
         raise InputError(f"{eval_config}: file not found (evaluate.py writes it beside metrics.json)")
     encoded = Path(encoded) if encoded else run / "encode"
     return {"run": run, "folder": folder, "cfg": cfg, "config_text": config_path.read_text(encoding="utf-8"),
-            "spec": spec, "hf_config": _hf_config(folder, spec), "log": last_log_line(run / "train_log.jsonl"),
+            "spec": spec, "hf_config": _hf_config(run / "final", spec), "log": last_log_line(run / "train_log.jsonl"),
             "metrics": scores, "metrics_path": metrics_path,
             "eval_cfg": load_config(["--cfg", str(eval_config)], runs_model=False),
             "queries": read_encoded_meta(encoded / "queries", ("count", "nnz_mean", "flops")),
@@ -115,9 +115,9 @@ def read_run(run: str | Path, folder: str | Path | None = None, metrics: str | P
             "encoded": encoded}
 
 
-def _hf_config(folder: Path, spec: dict | None) -> dict:
+def _hf_config(folder: Path, spec: dict) -> dict:
     """The backbone's config.json (of doc/ for an asymmetric model), {} where the folder has none."""
-    sub = folder / "doc" if spec is not None and spec.get("shared") is False else folder
+    sub = folder / "doc" if spec.get("shared") is False else folder
     path = sub / "config.json"
     data = read_json(path) if path.is_file() else {}
     return data if isinstance(data, dict) else {}
@@ -137,14 +137,8 @@ def _rows(pairs) -> list[str]:
 
 def model_card(src: dict, repo: str, base: str = "") -> str:
     """The README.md of `repo` for the run `src` (`read_run`)."""
-    from lsr_core.backbones import KINDS
-
     cfg, spec, log, m, t, d = src["cfg"], src["spec"], src["log"], src["cfg"].model, src["cfg"].train, \
         src["cfg"].data
-    spec = spec or {k: getattr(m, k) for k in ("kind", "query_head", "doc_head", "shared", "pooling", "decoding",
-                                               "bidirectional", "echo", "drop_bos", "special_tokens",
-                                               "query_prefix", "doc_prefix", "max_query_len", "max_doc_len",
-                                               "logit_shift")}
     kind = spec.get("kind", m.kind)
     base = base_model(cfg, base)
     tags = ["learned-sparse-retrieval", "sparse-retrieval", "decoder-lsr", str(kind).replace("_", "-"), t.loss]
@@ -169,7 +163,7 @@ def model_card(src: dict, repo: str, base: str = "") -> str:
         *_rows([("query head", HEAD_TEXT.get(spec.get("query_head"), spec.get("query_head"))),
                 ("document head", HEAD_TEXT.get(spec.get("doc_head"), spec.get("doc_head"))),
                 ("pooling over positions", spec.get("pooling")),
-                ("decoding", spec.get("decoding") if kind in KINDS and len(KINDS[kind].decodings) > 1 else None),
+                ("decoding", spec.get("decoding") if kind == "encoder_decoder" else None),  # the one kind with a choice
                 ("special tokens", SPECIAL_TEXT.get(spec.get("special_tokens"), spec.get("special_tokens"))),
                 ("bidirectional / echo / drop BOS", f"{spec.get('bidirectional')} / {spec.get('echo')} / "
                                                     f"{spec.get('drop_bos')}" if decoder_only else None),

@@ -151,6 +151,23 @@ def test_push_uploads_the_folder_with_its_card(run, monkeypatch, capsys):
     assert "would upload 7 file(s)" in printed and "README.md, config.json, lsr_config.json" in printed
 
 
+def test_a_failed_upload_is_one_line_naming_the_repo(run, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    class Offline(FakeApi):
+        def upload_folder(self, **kwargs):
+            raise OfflineModeIsEnabled("Cannot reach https://huggingface.co/api/repos/create:\n offline mode is "
+                                       "enabled.")
+
+    _, out = run
+    monkeypatch.setattr(huggingface_hub, "HfApi", Offline)
+    with pytest.raises(InputError) as err:
+        hub.main(["--run", str(out), "--repo", "someone/tiny-lsr"])
+    assert str(err.value) == (f"someone/tiny-lsr: upload of {out}/final failed (OfflineModeIsEnabled: Cannot reach "
+                              "https://huggingface.co/api/repos/create: offline mode is enabled.)")
+
+
 def test_push_of_any_folder(run, tmp_path, monkeypatch):
     """--folder: another folder (a sentence-transformers export, say) gets the run's card and is the one uploaded."""
     import huggingface_hub
@@ -168,7 +185,7 @@ def test_push_of_any_folder(run, tmp_path, monkeypatch):
 def test_a_missing_file_is_one_line_naming_it(run, tmp_path):
     _, out = run
     for missing in ("eval/metrics.json", "encode/queries/meta.json", "encode/corpus/meta.json", "train_log.jsonl",
-                    "eval/config.yaml"):
+                    "final/lsr_config.json", "eval/config.yaml"):
         copy = tmp_path / missing.replace("/", "_")
         shutil.copytree(out, copy)
         (copy / missing).unlink()
