@@ -34,8 +34,7 @@ from pathlib import Path
 
 from lsr_core.config import ConfigError, load_config, save_config
 from lsr_core.metrics import check_qrels, evaluate_run, mean_scores, paired_tests, parse_metric, read_run
-from lsr_core.utils import (InputError, atomic_open, atomic_write_json, load_texts, read_json, read_qrels,
-                            run_script)
+from lsr_core.utils import InputError, atomic_write_json, load_texts, read_json, read_qrels, run_script
 
 logger = logging.getLogger("evaluate")
 
