@@ -79,6 +79,7 @@ def draw_flops(points: dict[str, tuple[float, float]], baselines: dict[str, floa
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     from matplotlib.transforms import Bbox
 
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
@@ -94,7 +95,14 @@ def draw_flops(points: dict[str, tuple[float, float]], baselines: dict[str, floa
     ax.set_xscale("log")
     if points:
         xs = [f for f, _ in points.values()]
-        ax.set_xlim(min(xs) / 10 ** 0.4, max(xs) * 10 ** 0.4)  # room for labels on either side of the end points
+        low_x, high_x = min(xs) / 10 ** 0.4, max(xs) * 10 ** 0.4  # room for labels on either side of the end points
+        ax.set_xlim(low_x, high_x)
+        # plain numbers at 1-2-5 steps over a few decades, at powers of ten beyond: matplotlib's default labels
+        # minor ticks of a narrow range as 3x10^-1, 4x10^-1 side by side, which overlap
+        subs = (1.0, 2.0, 5.0) if math.log10(high_x / low_x) <= 3 else (1.0,)
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     else:
         ax.set_xlim(0.1, 10)
         ax.set_xticks([])

@@ -55,6 +55,20 @@ def test_crowded_labels_do_not_overlap():
     plt.close(fig)
 
 
+@pytest.mark.parametrize("xs", [(0.27, 1.06, 1.08), (1.0, 300.0, 30000.0), (100.0, 100.5), (1e-3, 1e6)])
+def test_flops_tick_labels_do_not_overlap(xs):
+    # matplotlib's default labels a narrow log range's minor ticks (3x10^-1 beside 4x10^-1), which overlap
+    fig, _ = plots.draw_flops({f"r{i}": (x, 0.5 + 0.1 * i) for i, x in enumerate(xs)}, {}, "m", "t")
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    low, high = ax.get_xlim()
+    ticks = [t for t in ax.get_xticklabels() + ax.get_xticklabels(minor=True)
+             if t.get_text() and low <= t.get_position()[0] <= high]
+    assert len(ticks) >= 2  # the axis is labelled
+    assert_apart({t.get_text(): t.get_window_extent() for t in ticks})
+    plt.close(fig)
+
+
 def test_flops_plot_writes_a_png_and_refuses_flops_a_log_axis_cannot_show(tmp_path):
     path = tmp_path / "p.png"
     plots.flops_plot(path, {"a": (2.0, 0.5)}, {"bm25": 0.4}, "mrr@10", "t")
