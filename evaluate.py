@@ -17,8 +17,11 @@ Outputs, in --out (default <exp.output_dir>/eval), each written atomically; a ru
     per_query.json     {run: {metric: {qid: score}}}
     significance.json  {"baseline": first run, "test": ..., "alpha": a, "p_values": {run: {metric: p}}}
     config.yaml        the resolved config
-    flops.png          with --plot: the first metric against FLOPs, for runs whose meta.json has a `flops` field
-                       (`<run>.meta.json`, `<run folder>/meta.json` or `<exp>/encode/{queries,corpus}/meta.json`)
+    flops.png          with --plot: the first metric against FLOPs (log axis) for runs with a `flops` field in a
+                       meta.json: `<run>.meta.json`, the queries folder search.py recorded there, `<run
+                       folder>/meta.json`, `<exp>/encode/{queries,corpus}/meta.json` (run in <exp>/search/), or
+                       `<root>/<run name>/encode/queries/meta.json` (scripts/rq*.sh); other runs (BM25) are drawn
+                       as horizontal reference lines with their name
 stdout: the table; a dagger marks p < alpha in a two-sided paired t-test against the first run.
 """
 from __future__ import annotations
@@ -31,8 +34,7 @@ from pathlib import Path
 
 from lsr_core.config import ConfigError, load_config, save_config
 from lsr_core.metrics import check_qrels, evaluate_run, mean_scores, paired_tests, parse_metric, read_run
-from lsr_core.utils import (InputError, atomic_open, atomic_write_json, load_texts, read_json, read_qrels,
-                            run_script)
+from lsr_core.utils import InputError, atomic_write_json, load_texts, read_json, read_qrels, run_script
 
 logger = logging.getLogger("evaluate")
 
@@ -79,11 +81,9 @@ def run_name(path: str, taken) -> str:
 
 
 def find_flops(run_path: str) -> float | None:
-    """The `flops` recorded in the first meta.json found next to a run (see the module docstring)."""
-    run = Path(run_path)
-    encode = run.parent.parent / "encode"
-    for meta in [Path(f"{run}.meta.json"), run.with_suffix(".meta.json"), run.parent / "meta.json",
-                 encode / "meta.json", encode / "queries" / "meta.json", encode / "corpus" / "meta.json"]:
+    """The `flops` recorded for a run (see the module docstring): in the first of its candidate meta.json files that
+    has the field; search.py's `<run>.meta.json` leads to the queries it searched, whose meta.json has it."""
+    for meta in _flops_candidates(Path(run_path)):
         if meta.is_file():
             data = read_json(meta)
             if not isinstance(data, dict):
@@ -94,6 +94,25 @@ def find_flops(run_path: str) -> float | None:
                     raise InputError(f"{meta}: field 'flops' must be a finite number, got {json.dumps(flops)}")
                 return float(flops)
     return None
+
+
+def _flops_candidates(run: Path):
+    """Where a run's FLOPs may be recorded, most specific first: its own meta files, the queries folder its search.py
+    meta names, then the layouts of the scripts: `<exp>/search/<run>` beside `<exp>/encode/queries` (encode.py's
+    defaults) and `<root>/search/<name>.trec` beside `<root>/<name>/encode/queries` (scripts/rq*.sh)."""
+    stem = Path(run.name[:-3] if run.name.endswith(".gz") else run.name).stem
+    own = [Path(f"{run}.meta.json"), run.with_suffix(".meta.json")]
+    yield from own
+    for meta in own:
+        if meta.is_file():
+            data = read_json(meta)
+            if isinstance(data, dict) and isinstance(data.get("queries"), str):
+                yield Path(data["queries"]) / "meta.json"
+            break
+    yield run.parent / "meta.json"
+    encode = run.parent.parent / "encode"
+    yield from (encode / "meta.json", encode / "queries" / "meta.json", encode / "corpus" / "meta.json")
+    yield run.parent.parent / stem / "encode" / "queries" / "meta.json"
 
 
 def markdown_table(means: dict, p_values: dict, alpha: float) -> str:
@@ -107,34 +126,23 @@ def markdown_table(means: dict, p_values: dict, alpha: float) -> str:
     return "\n".join(lines)
 
 
-def plot_flops(means: dict, run_paths: dict, metric: str, path: Path) -> bool:
-    points = {}
+def plot_flops(means: dict, run_paths: dict, metric: str, path: Path, title: str) -> bool:
+    """`metric` against FLOPs (lsr_core/plots.py): runs without a FLOPs estimate are drawn as reference lines."""
+    from lsr_core.plots import flops_plot
+
+    points, baselines = {}, {}
     for name, run_path in run_paths.items():
         flops = find_flops(run_path)
-        if flops is None:
-            logger.warning("no meta.json with 'flops' found for run %s (%s): left out of the plot", name, run_path)
-        else:
+        if flops is not None and flops > 0:
             points[name] = (flops, means[name][metric])
+        else:
+            logger.info("run %s: %s: drawn as a reference line", name,
+                        "no meta.json with 'flops' found" if flops is None else f"FLOPs {flops} (not on a log axis)")
+            baselines[name if flops is None else f"{name} (FLOPs {flops:g})"] = means[name][metric]
     if not points:
-        logger.warning("--plot: no run has a FLOPs estimate; plot skipped")
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for name, (flops, value) in points.items():
-        ax.scatter(flops, value)
-        ax.annotate(name, (flops, value), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("FLOPs (expected multiplications per query-doc pair)")
-    ax.set_ylabel(metric)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)
-    return True
+        logger.warning("--plot: no run has a FLOPs estimate; the plot shows reference lines only")
+    flops_plot(path, points, baselines, metric, title)
+    return bool(points)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -179,7 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
         "alpha": ev.alpha, "queries": len(qrels), "p_values": p_values})
     save_config(cfg, out)
     if ev.plot:
-        plot_flops(means, run_paths, ev.metrics[0], out / "flops.png")
+        plot_flops(means, run_paths, ev.metrics[0], out / "flops.png",
+                   f"{ev.metrics[0]} against FLOPs ({Path(ev.qrels).name}, {len(qrels)} queries)")
     logger.info("evaluated %d run(s) on %d queries -> %s", len(means), len(qrels), out / "metrics.json")
     return means
 

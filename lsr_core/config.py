@@ -128,7 +128,7 @@ class TrainConfig:
     save_every: int = non_negative(0)  # optimizer steps between save_state; 0 = only at the end
     keep_checkpoints: int = 2
     resume: str = ""  # "" | auto | path to a checkpoint folder
-    tracker: str = one_of("none", "tensorboard", "wandb")
+    tracker: str = one_of("none", "tensorboard")  # accelerate trackers installed by requirements.txt
     log_every: int = 10
     num_workers: int = 0
     deepspeed: str = ""  # path to a DeepSpeed json (or use an accelerate config)
@@ -319,12 +319,20 @@ def _read_yaml(path: str) -> dict:
 
 def _parse_cli_value(raw: str, typ=None):
     """CLI values are YAML scalars (`1e-4`, `true`, `[a, b]`); bare strings stay strings. A string key takes the text
-    as it is (`no`, `query: ` would parse as a bool or a mapping), unless it is a quoted YAML string."""
+    exactly as typed, unless the whole value is one quoted YAML string (`'passage: '`, evaluate.py's JSON paths)."""
+    if typ is str:
+        # YAML would read `no` as a bool and `query: ` as a mapping, strip `passage `'s space and `a #b`'s comment
+        if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                return raw
+            if isinstance(value, str):
+                return value
+        return raw
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
-        return raw
-    if typ is str and not isinstance(value, str):
         return raw
     return raw if value is None and raw != "" else value
 

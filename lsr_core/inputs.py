@@ -19,7 +19,7 @@ def read_input(path: str, kind: str) -> tuple[list[str], list[str]]:
         import ir_datasets
 
         dataset = ir_datasets.load(path[len("irds:"):])
-        rows = ((d.doc_id, getattr(d, "text", "") or getattr(d, "body", "")) for d in dataset.docs_iter()) \
+        rows = ((d.doc_id, irds_doc_text(d)) for d in dataset.docs_iter()) \
             if kind == "doc" else ((q.query_id, q.text) for q in dataset.queries_iter())
     elif from_table:
         import datasets
@@ -48,6 +48,23 @@ def read_input(path: str, kind: str) -> tuple[list[str], list[str]]:
     if not ids:
         raise InputError(f"{path}: no texts")
     return ids, texts
+
+
+def join_title(title, text: str) -> str:
+    """A document's title and text as one text, as BEIR's models see it: `title + " " + text` when the title is not
+    empty, else the text."""
+    # BEIR's SentenceBERT and SPLADE models encode `(title + sep + text).strip()` with sep " " (beir-cellar/beir,
+    # beir/retrieval/models/sentence_bert.py and splade.py), as ir_datasets' BEIR docs' default_text() does: a
+    # BEIR score compares with others only on the same text
+    if isinstance(title, str) and title.strip():
+        return f"{title} {text}".strip()
+    return text
+
+
+def irds_doc_text(doc) -> str:
+    """The text of an ir_datasets document of any docs type: its `text` (or `body`), after its `title` where the
+    type has one (BeirTitleDoc, MsMarcoDocument, WapoDoc, ...)."""
+    return join_title(getattr(doc, "title", None), getattr(doc, "text", "") or getattr(doc, "body", "") or "")
 
 
 def resolve_model_path(cfg) -> tuple[str, str, bool]:

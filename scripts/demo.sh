@@ -45,7 +45,7 @@ step "fine-tuned SPLADE-tiny"
 retrieve splade_tiny_ft $OUT/trained
 
 step "evaluate on the test split"
-$PY evaluate.py --qrels $WIKI/qrels.test.tsv --out $OUT/eval \
+$PY evaluate.py --qrels $WIKI/qrels.test.tsv --out $OUT/eval --plot \
   --run $OUT/search/bm25.trec $OUT/search/splade_tiny.trec $OUT/search/splade_tiny_ft.trec
 $PY - <<'PY'
 import json

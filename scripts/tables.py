@@ -11,7 +11,7 @@ Columns: MS MARCO dev (and any non-TREC set, e.g. the Wikipedia `test` split): M
 was computed); TREC DL 2019/2020 (`dl*`): nDCG@10, R@1000 with relevance >= 2 (the TREC convention); then FLOPs and
 the mean query/document nnz. A cell is "–" when that run was not evaluated on that set.
 Outputs in <root>: table.md (printed too), table.json {name: {column: value}}, table.png (the first metric of the
-first set against FLOPs, log x axis), each written atomically.
+first set against FLOPs, log x axis; runs without FLOPs as reference lines), each written atomically.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lsr_core.utils import atomic_open, atomic_write_json, atomic_write_text  # noqa: E402
+from lsr_core.utils import atomic_write_json, atomic_write_text  # noqa: E402
 
 SET_LABELS = {"dev": "MS MARCO dev", "dl19": "DL19", "dl20": "DL20", "test": "Wiki test"}
 METRIC_LABELS = {"mrr@10": "MRR@10", "recall@1000": "R@1000", "ndcg@10": "nDCG@10", "recall@1000-l2": "R@1000"}
@@ -70,28 +70,17 @@ def markdown(title: str, columns: list[str], rows: dict) -> str:
 
 
 def plot(path: Path, title: str, columns: list[str], rows: dict) -> bool:
+    """The first metric against FLOPs (lsr_core/plots.py); evaluated runs without FLOPs are reference lines. Whether
+    any run has FLOPs; nothing is drawn when no run has the metric."""
+    from lsr_core.plots import flops_plot
+
     metric = next((c for c in columns if c not in ("FLOPs", "q nnz", "d nnz")), None)
-    points = {n: (r["FLOPs"], r[metric]) for n, r in rows.items()
-              if metric and r.get("FLOPs") is not None and r.get(metric) is not None}
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, (flops, value) in points.items():
-        ax.scatter(max(flops, 1e-3), value)
-        ax.annotate(name, (max(flops, 1e-3), value), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    if points:
-        ax.set_xscale("log")
-    ax.set_xlabel("FLOPs (expected multiplications per query-document pair)")
-    ax.set_ylabel(metric or "")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)
+    scored = {n: r for n, r in rows.items() if metric and r.get(metric) is not None}
+    points = {n: (r["FLOPs"], r[metric]) for n, r in scored.items() if (r.get("FLOPs") or 0) > 0}
+    baselines = {n if r.get("FLOPs") is None else f"{n} (FLOPs {r['FLOPs']:g})": r[metric]
+                 for n, r in scored.items() if n not in points}
+    if scored:
+        flops_plot(path, points, baselines, metric, title)
     return bool(points)
 
 

@@ -5,6 +5,7 @@ Fixture (tests/fixtures/eval): qrels q1 {d1:1, d2:2}, q2 {d3:1}, q3 {d4:1}, q4 {
   b.trec: q1 d9 > d2, q2 d3, q3 d7 = d4 (tie: d7 first), q4 missing; b.trec.meta.json has flops 1.25.
 """
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ QRELS, RUN_A, RUN_B = str(FIX / "qrels.tsv"), str(FIX / "a.trec"), str(FIX / "b.
 
 
 def test_main_writes_results(tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, "evaluate")
     out = tmp_path / "eval"
     means = evaluate.main(["--qrels", QRELS, "--run", RUN_A, RUN_B, "--metrics", "mrr@10,recall@100,ndcg@10",
                            "--out", str(out), "--plot", "--corpus", str(FIX / "corpus.jsonl")])
@@ -38,7 +40,7 @@ def test_main_writes_results(tmp_path, capsys, caplog):
     table = capsys.readouterr().out
     assert "| run | mrr@10 | recall@100 | ndcg@10 |" in table and "| b | 0.5000 | 0.6250 |" in table
     assert (out / "flops.png").read_bytes()[:4] == b"\x89PNG" and (out / "config.yaml").is_file()
-    assert "no meta.json with 'flops' found for run a" in caplog.text  # a has no FLOPs: left out of the plot
+    assert "run a: no meta.json with 'flops' found: drawn as a reference line" in caplog.text
     assert "1 judged doc id(s) are not in the corpus" in caplog.text  # d5
     assert "1 of 4 judged queries have no results" in caplog.text
 

@@ -220,3 +220,25 @@ def test_cli_strings_stay_strings():
     assert load_config(["--encode.topk=5"]).encode.topk == 5  # other types are still parsed
     with pytest.raises(ConfigError, match=r"'train.mixed_precision' must be one of"):
         load_config(["--train.mixed_precision=maybe"])
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("query: ", "query: "), ("a: b", "a: b"), ("[x]", "[x]"), ("{y}", "{y}"), ("- x", "- x"),  # YAML structures
+    ("passage ", "passage "), (" lead", " lead"), ("a #b", "a #b"), ("&x y", "&x y"), ("|", "|"), (">", ">"),
+    ("!!str x", "!!str x"), ("null", "null"), ("~", "~"), ("", ""), ("1.0", "1.0"), ("yes", "yes"),
+    ("'passage: '", "passage: "), ('"q: "', "q: "), ("'it''s'", "it's"),  # one quoted string is unquoted
+    ("'a' 'b'", "'a' 'b'"), ("'a", "'a"),
+])
+def test_cli_value_of_a_string_key_is_the_text_as_typed(raw, expected):
+    assert load_config([f"--model.query_prefix={raw}"]).model.query_prefix == expected
+
+
+def test_tracker_choices_are_installed():
+    """A tracker offered by train.tracker is one accelerate finds installed (wandb is not in requirements.txt)."""
+    import accelerate.utils
+
+    trackers = [c for c in CHOICES["train.tracker"] if c != "none"]
+    assert trackers == ["tensorboard"]
+    assert all(getattr(accelerate.utils, f"is_{name}_available")() for name in trackers)
+    with pytest.raises(ConfigError, match=r"'train.tracker' must be one of \['none', 'tensorboard'\], got 'wandb'"):
+        load_config(["--train.tracker=wandb"])
