@@ -36,7 +36,10 @@ FAMILIES = {
     "llama_echo": ("llama", {"echo": True}, False),
     "t5_multi_token": ("t5", {"decoding": "multi_token"}, False),
     "t5_single_token": ("t5", {"decoding": "single_token"}, False),
+    "t5_encoder_only": ("t5", {"decoding": "encoder_only"}, False),
+    "t5_decoder_only_qmlp": ("t5", {"decoding": "decoder_only", "query_head": "mlp"}, False),
     "bert_mlp": ("bert", {"query_head": "mlp", "doc_head": "mlp"}, False),
+    "opt_mlp": ("opt", {"query_head": "mlp", "doc_head": "mlp"}, False),
     "asymmetric_t5": ("t5", {"query_head": "mlp", "doc_head": "mlm", "shared": False}, False),
     "asymmetric_bert_keep": ("bert", {"special_tokens": "keep", "shared": False}, True),
 }
