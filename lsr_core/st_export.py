@@ -54,12 +54,12 @@ def uses_st_modules(spec: LSRSpec, projection_has_bias: bool) -> bool:
 def export(model_folder: str | Path, out_folder: str | Path) -> Path:
     """Write the sentence-transformers folder `out_folder` for `model_folder` (written to a temporary sibling and
     renamed into place, so it exists only complete). Returns `out_folder`."""
-    from sentence_transformers import SparseEncoder
-
     model_folder, out = Path(model_folder), Path(out_folder)
     spec = read_spec(model_folder)
     if out.exists():
         raise ModelLoadError(f"{out} exists: remove it or choose another output folder")
+    from sentence_transformers import SparseEncoder
+
     model = _load(model_folder, spec)
     projection = model.doc_backbone.get_output_embeddings()
     own = uses_st_modules(spec, getattr(projection, "bias", None) is not None)

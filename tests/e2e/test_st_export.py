@@ -8,8 +8,6 @@ a query max length shorter than the longest query (truncation must agree too).
 """
 import ast
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ from lsr_core.config import ConfigError, ModelConfig
 from lsr_core.modeling import build_model
 from lsr_core.sparse import id_to_token_list, load_vectors
 from lsr_core.tiny import make_collection, make_model
+from lsr_core.utils import run_script
 
 ROOT = Path(__file__).resolve().parents[2]
 QUERIES = ["star star planet", "music", "the recipe of the bread with butter and sugar and the bread in the kitchen"]
@@ -131,7 +130,7 @@ def test_module_file_stands_alone():
     assert imported == {"__future__", "os", "torch", "transformers", "safetensors", "sentence_transformers"}
 
 
-def test_bad_input(tiny, tmp_path):
+def test_bad_input(tiny, tmp_path, capsys):
     root, hf = tiny
     with pytest.raises(ModelLoadError, match=r"bert: not a model folder saved by train.py \(no lsr_config.json\)"):
         export_st.main([f"--encode.model={hf['bert']}", f"--out={tmp_path / 'st'}"])
@@ -142,8 +141,8 @@ def test_bad_input(tiny, tmp_path):
         export_st.main([f"--encode.model={final}", f"--out={tmp_path / 'st'}"])
     with pytest.raises(ConfigError, match="give the output folder once"):
         export_st.main([f"--encode.model={final}", "--out", str(tmp_path / "x")])
-    proc = subprocess.run([sys.executable, str(ROOT / "export_st.py"), f"--encode.model={tmp_path}"],
-                          capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1] == \
+    with pytest.raises(SystemExit) as stop:  # the script's way out: one line on stderr, status 1
+        run_script(lambda: export_st.main([f"--encode.model={tmp_path}"]))
+    assert stop.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
         f"error: {tmp_path}: not a model folder saved by train.py (no lsr_config.json)"
