@@ -79,9 +79,10 @@ def encoded(root: Path, final: Path, kind: str) -> list[dict]:
     return load_vectors(out)[1]
 
 
-def assert_same(ours: list[dict], theirs: torch.Tensor, vocab: list[str]) -> None:
-    assert len(ours) == theirs.shape[0]
-    for vector, row in zip(ours, theirs):
+def assert_same(written: list[dict], st_reps: torch.Tensor, vocab: list[str]) -> None:
+    """encode.py's vectors ({token: weight}) == sentence-transformers' dense rows [N, V]."""
+    assert len(written) == st_reps.shape[0]
+    for vector, row in zip(written, st_reps):
         assert vector, "an empty vector compares nothing"
         st = {vocab[i]: float(row[i]) for i in row.nonzero().flatten().tolist()}
         assert set(vector) <= set(st)
@@ -98,7 +99,8 @@ def test_exported_folder_encodes_as_encode_py(tiny, tmp_path, family):
     final = tmp_path / "final"
     save_final(hf[arch], final, overrides)
     queries, docs = encoded(root, final, "query"), encoded(root, final, "doc")
-    out = export_st.main([f"--encode.model={final}", f"--out={tmp_path / 'st'}"])
+    # a folder name of its own: transformers caches a folder's module file under the folder's name
+    out = export_st.main([f"--encode.model={final}", f"--out={tmp_path / ('st_' + family)}"])
 
     types = [m["type"] for m in json.loads((out / "modules.json").read_text())]
     assert (out / "lsr_sparse.py").is_file() != own_modules
@@ -139,6 +141,10 @@ def test_bad_input(tiny, tmp_path, capsys):
     (tmp_path / "st").mkdir()
     with pytest.raises(ModelLoadError, match=r"st exists: remove it or choose another output folder"):
         export_st.main([f"--encode.model={final}", f"--out={tmp_path / 'st'}"])
+    (tmp_path / "st2.tmp").mkdir()  # what an export killed before its rename left
+    (tmp_path / "st2.tmp" / "junk").write_text("x")
+    out = export_st.main([f"--encode.model={final}", f"--out={tmp_path / 'st2'}"])
+    assert not (tmp_path / "st2.tmp").exists() and not (out / "junk").exists() and (out / "modules.json").is_file()
     with pytest.raises(ConfigError, match="give the output folder once"):
         export_st.main([f"--encode.model={final}", "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit) as stop:  # the script's way out: one line on stderr, status 1
