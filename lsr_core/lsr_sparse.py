@@ -23,6 +23,8 @@ from sentence_transformers.sparse_encoder.modules import InputModule
 
 AUTO_CLASSES = {"encoder": "AutoModelForMaskedLM", "decoder": "AutoModelForCausalLM",
                 "encoder_decoder": "AutoModelForSeq2SeqLM"}
+DECODINGS = {"encoder": ("multi_token",), "decoder": ("multi_token",),
+             "encoder_decoder": ("multi_token", "single_token", "encoder_only", "decoder_only")}
 MLP_FILE = "lsr_mlp_heads.safetensors"
 MERGE = {"query": "sum", "document": "amax"}  # how the MLP head merges the weights of a repeated token
 
@@ -41,6 +43,8 @@ class LSRSparse(InputModule):
                  bidirectional: bool = False, echo: bool = False, drop_bos: bool = False,
                  model_kwargs: dict | None = None, backbone=None, tokenizer=None, mlps: dict | None = None):
         super().__init__()
+        if decoding not in DECODINGS.get(kind, ()):
+            raise ValueError(f"kind {kind!r} with decoding {decoding!r}: this module knows {DECODINGS}")
         self.kind, self.decoding, self.roles, self.pooling = kind, decoding, roles, pooling
         self.logit_shift, self.pools_shifted, self.one_step = logit_shift, pools_shifted, one_step
         self.bidirectional, self.echo, self.drop_bos = bidirectional, echo, drop_bos

@@ -58,6 +58,9 @@ def export(model_folder: str | Path, out_folder: str | Path) -> Path:
     spec = read_spec(model_folder)
     if out.exists():
         raise ModelLoadError(f"{out} exists: remove it or choose another output folder")
+    if spec.decoding not in _module_file().DECODINGS.get(spec.kind, ()):
+        raise ModelLoadError(f"{model_folder}: no export for kind {spec.kind!r} with decoding {spec.decoding!r} "
+                             f"(lsr_core/lsr_sparse.py restates each row of backbones.KINDS it supports)")
     from sentence_transformers import SparseEncoder
 
     model = _load(model_folder, spec)
@@ -69,7 +72,7 @@ def export(model_folder: str | Path, out_folder: str | Path) -> Path:
         """The modules that encode `tasks`: both (shared) or one role (asymmetric, its own backbone)."""
         if own:
             return _st_modules(model_folder / ("" if spec.shared else ROLES[tasks[0]]), spec)
-        return [_lsr_module(_module_class(), model, spec, backbones[tasks[0]], tasks)]
+        return [_lsr_module(_module_file().LSRSparse, model, spec, backbones[tasks[0]], tasks)]
 
     if spec.shared:
         modules = route(list(ROLES))
@@ -114,15 +117,15 @@ def _st_modules(folder: Path, spec: LSRSpec) -> list:
     return [transformer, SpladePooling(pooling_strategy=spec.pooling)]
 
 
-def _module_class():
-    """LSRSparse imported under the module name it has in an exported folder (`lsr_sparse`), so that
-    sentence-transformers records its class as `lsr_sparse.LSRSparse`."""
+def _module_file():
+    """lsr_core/lsr_sparse.py imported under the module name it has in an exported folder (`lsr_sparse`), so that
+    sentence-transformers records its class as `lsr_sparse.LSRSparse`. Returns the module."""
     if "lsr_sparse" not in sys.modules:
         module_spec = importlib.util.spec_from_file_location("lsr_sparse", MODULE_FILE)
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
         sys.modules["lsr_sparse"] = module
-    return sys.modules["lsr_sparse"].LSRSparse
+    return sys.modules["lsr_sparse"]
 
 
 def _lsr_module(module_class, model, spec: LSRSpec, backbone, tasks: list[str]):

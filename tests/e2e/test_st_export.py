@@ -132,6 +132,14 @@ def test_module_file_stands_alone():
     assert imported == {"__future__", "os", "torch", "transformers", "safetensors", "sentence_transformers"}
 
 
+def test_module_file_covers_every_kind_and_decoding():
+    """A kind or decoding added to backbones.KINDS needs its restatement in the module file (else export refuses)."""
+    from lsr_core.backbones import KINDS
+    from lsr_core.st_export import _module_file
+
+    assert {kind: tuple(row.decodings) for kind, row in KINDS.items()} == _module_file().DECODINGS
+
+
 def test_bad_input(tiny, tmp_path, capsys):
     root, hf = tiny
     with pytest.raises(ModelLoadError, match=r"bert: not a model folder saved by train.py \(no lsr_config.json\)"):
