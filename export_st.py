@@ -9,7 +9,10 @@ refused. Then, in Python:
 
     from sentence_transformers import SparseEncoder
     model = SparseEncoder("runs/demo/sentence_transformers", trust_remote_code=True)  # the module file, if written
-    query_vectors, doc_vectors = model.encode_query(queries), model.encode_document(docs)
+    query_vectors, doc_vectors = model.encode_query(queries), model.encode_document(docs)   # encode(): documents
+
+The module file loads the weights in float32 (encode.py's CPU precision; encode.py runs bf16 on a GPU): pass
+`model_kwargs={"dtype": torch.bfloat16}` for the other.
 """
 from __future__ import annotations
 

@@ -80,8 +80,9 @@ def export(model_folder: str | Path, out_folder: str | Path) -> Path:
         from sentence_transformers.sparse_encoder.modules import Router
 
         modules = [Router({task: route([task]) for task in ROLES}, default_route="document")]
+    # a plain encode() (no task) encodes documents, so it takes the document prefix too
     encoder = SparseEncoder(modules=modules, prompts={"query": spec.query_prefix, "document": spec.doc_prefix},
-                            similarity_fn_name="dot", device="cpu")
+                            default_prompt_name="document", similarity_fn_name="dot", device="cpu")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # a run killed before its rename
     encoder.save(str(tmp), create_model_card=False)
@@ -105,12 +106,13 @@ def _load(model_folder: Path, spec: LSRSpec):
 
 
 def _st_modules(folder: Path, spec: LSRSpec) -> list:
-    """sentence-transformers' own SPLADE modules for one backbone, the logit shift added to the decoder bias."""
+    """sentence-transformers' own SPLADE modules for one backbone, the logit shift added to the decoder bias. A
+    text with no task (plain encode()) is cut as a document."""
     import torch
     from sentence_transformers.sparse_encoder.modules import SpladePooling, Transformer
 
     transformer = Transformer(str(folder), transformer_task="fill-mask", query_length=spec.max_query_len,
-                              document_length=spec.max_doc_len)
+                              document_length=spec.max_doc_len, max_seq_length=spec.max_doc_len)
     if spec.logit_shift:
         with torch.no_grad():
             transformer.model.get_output_embeddings().bias.add_(spec.logit_shift)

@@ -120,6 +120,7 @@ def test_exported_folder_encodes_as_encode_py(tiny, tmp_path, family):
         d = encoder.encode_document(DOCS, convert_to_tensor=True, batch_size=2).to_dense()
     assert_same(queries, q, vocab)
     assert_same(docs, d, vocab)
+    assert torch.equal(encoder.encode(DOCS, convert_to_tensor=True, batch_size=2).to_dense(), d)  # no task: documents
     assert not torch.allclose(q[:1], encoder.encode_document(QUERIES[:1], convert_to_tensor=True).to_dense())
 
 
