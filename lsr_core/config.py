@@ -320,20 +320,16 @@ def _read_yaml(path: str) -> dict:
 def _parse_cli_value(raw: str, typ=None):
     """CLI values are YAML scalars (`1e-4`, `true`, `[a, b]`); bare strings stay strings. A string key takes the text
     exactly as typed, unless the whole value is one quoted YAML string (`'passage: '`, evaluate.py's JSON paths)."""
-    if typ is str:
+    quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
+    if typ is str and not quoted:
         # YAML would read `no` as a bool and `query: ` as a mapping, strip `passage `'s space and `a #b`'s comment
-        if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
-            try:
-                value = yaml.safe_load(raw)
-            except yaml.YAMLError:
-                return raw
-            if isinstance(value, str):
-                return value
         return raw
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         return raw
+    if typ is str:
+        return value if isinstance(value, str) else raw
     return raw if value is None and raw != "" else value
 
 

@@ -191,9 +191,8 @@ def check_id(path, lineno: int, rid, row: bool = False) -> str:
 
 
 def read_json(path: str | Path, fix: str = ""):
-    """A whole JSON file (meta.json, an index's engine.json and the like), gzip-compressed when named `*.gz`; a
-    missing, unreadable, non-UTF-8 or malformed file raises InputError naming the file (and the line), followed by
-    `fix` (what to do) when given."""
+    """A whole JSON file (meta.json, engine.json, `*.gz` read through gzip); a missing, unreadable, non-UTF-8 or
+    malformed file raises InputError naming the file (and the line), then `fix` (what to do) when given."""
     path = Path(path)
     then = f"; {fix}" if fix else ""
     try:
