@@ -26,6 +26,7 @@ from lsr_core.backbones import (KINDS, ModelLoadError, decoding_of, load_backbon
                                 prepare_for_training)
 from lsr_core.heads import (full_shape, head_bias, max_pool_inference, mlp_pool, projection_swapped,
                             sparse_mlm_pool)
+from lsr_core.hub import model_folder
 from lsr_core.packing import enable_packing, is_packed, pack_batch, packed_inputs, round_up, varlen_attn
 
 LSR_CONFIG = "lsr_config.json"
@@ -286,6 +287,7 @@ def build_model(mcfg, training: bool = False, max_lengths: dict[str, int] | None
     name = mcfg.name_or_path
     if not name:
         raise ModelLoadError("model.name_or_path is empty")
+    name = model_folder(name)  # a repository decoder-lsr pushed: its snapshot, so its lsr_config.json decides
     saved = Path(name) / LSR_CONFIG
     if saved.is_file():
         data = json.loads(saved.read_text())

@@ -259,3 +259,22 @@ def test_model_folder_fetches_a_pushed_model_and_passes_anything_else(monkeypatc
     assert hub.model_folder("pkg:cognition/model") == "pkg:cognition/model"
     assert hub.model_folder(str(tmp_path)) == str(tmp_path)
     assert fetched == [("someone/pushed", "lsr_config.json")]
+
+
+def test_build_model_reads_a_pushed_repository_s_own_config(run, monkeypatch, tmp_path):
+    """encode.py / train.py given the hub name of a pushed model: its lsr_config.json decides the heads, as for the
+    folder it was pushed from (not the model section's defaults)."""
+    import huggingface_hub
+    from lsr_core.config import ModelConfig
+    from lsr_core.modeling import build_model
+
+    snapshot = tmp_path / "snapshot"
+    shutil.copytree(run[1] / "final", snapshot)
+    saved = json.loads((snapshot / "lsr_config.json").read_text())
+    saved["logit_shift"] = -0.25
+    (snapshot / "lsr_config.json").write_text(json.dumps(saved))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, filename: str(snapshot / filename))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo: str(snapshot))
+    other = "sum" if saved["pooling"] == "max" else "max"
+    model = build_model(ModelConfig(name_or_path="someone/pushed", pooling=other, dtype="float32"))
+    assert model.spec.pooling == saved["pooling"] and model.spec.logit_shift == -0.25
