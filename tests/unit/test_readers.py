@@ -230,6 +230,9 @@ def fake_module(monkeypatch, name, **attrs):
 class FakeTable(list):
     column_names = ["id", "text"]
 
+    def select(self, positions):  # a HF Dataset's rows by position
+        return FakeTable(self[i] for i in positions)
+
 
 @pytest.mark.parametrize("rows, message", [
     ([{"id": "d1", "text": "a"}, {"id": "d 2", "text": "b"}], r"t.parquet: row 2: id 'd 2' contains whitespace"),
