@@ -15,8 +15,8 @@ from typing import Iterable
 from lsr_core.config import config_hash, save_config
 from lsr_core.inputs import local_path
 from lsr_core.modeling import RUNTIME_FIELDS
-from lsr_core.sparse import (SHARD_PATTERN, flops_from_freqs, load_vectors, nnz_stats, read_doc_freqs, read_meta,
-                             read_vectors, shard_name, vocab_hash, write_doc_freqs, write_meta)
+from lsr_core.sparse import (SHARD_PATTERN, flops_from_freqs, nnz_stats, read_doc_freqs, read_meta, read_vectors,
+                             shard_name, vocab_hash, write_doc_freqs, write_meta)
 from lsr_core.utils import InputError, atomic_write_json, read_json
 
 logger = logging.getLogger(__name__)
@@ -142,10 +142,12 @@ def summarize(cfg, out: Path, ids: Iterable[str], n_shards: int, is_query: bool,
             df.update(vec.keys())  # documents holding each token
     in_order = in_order and next(expected, None) is None
     if not in_order or len(list(out.glob("part-*.jsonl.gz"))) != n_shards:
-        shard_ids, _ = load_vectors(out)  # read again for the message; raises on duplicates across shards
-        missing = len(set(ids) - set(shard_ids))
-        raise InputError(f"{out}: shards do not match the input ({missing} ids missing, {len(shard_ids)} written); "
-                         f"the folder holds output of another input or shard size: remove it and re-run")
+        shard_ids = [rid for rid, _ in read_vectors(out)]  # read again for the message
+        missing, repeated = len(set(ids) - set(shard_ids)), len(shard_ids) - len(set(shard_ids))
+        order = "" if missing or repeated else ", out of input order"
+        raise InputError(f"{out}: shards do not match the input ({missing} ids missing, {repeated} repeated, "
+                         f"{len(shard_ids)} written{order}); the folder holds output of another input or shard size: "
+                         f"remove it and re-run")
     stats = nnz_stats(nnz)
     meta = {"model": cfg.model.name_or_path, "kind": cfg.encode.kind,
             "input": cfg.encode.input, "vocab_size": vocab_size, "shards": n_shards, **stats,

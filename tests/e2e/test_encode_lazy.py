@@ -100,6 +100,21 @@ def test_a_run_cut_short_resumes_with_the_same_shards(tiny, tmp_path, monkeypatc
     assert folder_bytes(dest) == whole
 
 
+def test_shards_that_do_not_hold_the_input_in_its_order_are_refused(tiny, tmp_path):
+    """meta.json is written once the shards, read one line at a time, hold the input's ids in its order."""
+    source, dest = tiny["root"] / "corpus.tsv", tmp_path / "mixed"
+    run(tiny, source, dest)
+    first, second = (dest / "part-00000.jsonl.gz").read_bytes(), (dest / "part-00001.jsonl.gz").read_bytes()
+    for part0, part1, what in [(second, first, "0 ids missing, 0 repeated, 48 written, out of input order"),
+                               (first, first, "7 ids missing, 7 repeated, 48 written")]:
+        (dest / "part-00000.jsonl.gz").write_bytes(part0)
+        (dest / "part-00001.jsonl.gz").write_bytes(part1)
+        (dest / "meta.json").unlink(missing_ok=True)
+        with pytest.raises(InputError, match=rf"^{dest}: shards do not match the input \({what}\); "):
+            run(tiny, source, dest)
+        assert not (dest / "meta.json").exists()
+
+
 def test_queries_and_irds_documents_read_lazily_equal_in_memory(tiny, tmp_path, monkeypatch):
     """ir_datasets documents: sliced where docs_iter() can be (a list here), else streamed and skipped."""
     docs = [types.SimpleNamespace(doc_id=r["id"], text=r["text"]) for r in tiny["rows"]]
