@@ -34,9 +34,9 @@ class InputTexts:
     Duplicate ids are an error, empty queries too (empty docs are kept). Ids must be non-empty and free of whitespace
     (`check_id`); errors name the file's line, or a table's row. The first pass keeps one 8-byte hash per id (a
     repeated hash is looked up again by id) and, in a file, the offset of every `CHECKPOINT`-th row: `read` seeks
-    there (a .gz file decompresses its way from the start: keep a large corpus uncompressed), an irds corpus slices
-    `docs_iter()` where the dataset can (else it skips), a table selects its rows. A file that changes after the first
-    pass is an error when read."""
+    there (a .gz file decompresses its way from the start, unless the range follows the last one read), an irds
+    corpus slices `docs_iter()` where the dataset can (else it skips), a table selects its rows. A file that changes
+    after the first pass is an error when read."""
 
     def __init__(self, path: str, kind: str):
         self.path, self.kind, self.allow_empty = path, kind, kind == "doc"
@@ -56,6 +56,7 @@ class InputTexts:
                                  f"found {self.source.column_names}")
         else:
             self.marks, self.stat = [(0, 0)], _stat(path)  # marks[i]: (offset, lines) before row i * CHECKPOINT
+        self.cursor = (-1, None)  # (next row, the rows from there) of a file's last read
         hashes = array.array("q", (hash(rid) for rid, _ in self._rows(0, None, scan=True)))
         self.count = len(hashes)
         if not hashes:
@@ -79,11 +80,15 @@ class InputTexts:
         return (rid for rid, _ in self._rows(0, None))
 
     def read(self, lo: int, hi: int) -> tuple[list[str], list[str]]:
-        """(ids, texts) of rows lo..hi-1 (0-based)."""
+        """(ids, texts) of rows lo..hi-1 (0-based). A file read on from the previous range (one process's shards)
+        goes on where that read stopped: a .gz file is not decompressed from its start again."""
         ids, texts = [], []
-        for rid, text in itertools.islice(self._rows(lo, hi), hi - lo):
+        if self.table_rows or self.cursor[0] != lo or _stat(self.path) != self.stat:
+            self.cursor = (lo, self._rows(lo, None if not self.table_rows else hi))
+        for rid, text in itertools.islice(self.cursor[1], hi - lo):
             ids.append(rid)
             texts.append(text)
+        self.cursor = (hi, self.cursor[1])
         if len(ids) != hi - lo:
             raise InputError(f"{self.path}: has fewer than {hi} texts now, {self.count} when encoding began: the "
                              f"input changed; restore it, or encode it again with encode.overwrite=true")

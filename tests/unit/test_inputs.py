@@ -3,12 +3,13 @@ mark, blank lines and titles; TSV; gzip), duplicates are found though only id ha
 about one shard in memory, not the file."""
 import gzip
 import json
+import os
 import tracemalloc
 
 import pytest
 
 import lsr_core.inputs as inputs
-from lsr_core.utils import InputError, read_texts
+from lsr_core.utils import InputError, TextLines, read_texts
 
 
 def write(path, lines: list[str], bom: bool = False):
@@ -44,6 +45,24 @@ def test_every_range_reads_what_the_whole_file_gives(tmp_path, monkeypatch, name
     for lo in range(20):
         for hi in range(lo + 1, 21):
             assert source.read(lo, hi) == tuple(map(list, zip(*whole[lo:hi]))), (lo, hi)
+
+
+def test_consecutive_ranges_read_on_without_reopening(tmp_path, monkeypatch):
+    """One process's shards follow each other: a .gz file is opened (and decompressed from its start) once for them,
+    again only for a range that does not start where the last one stopped, or once the file changed."""
+    monkeypatch.setattr(inputs, "CHECKPOINT", 3)
+    path = write(tmp_path / "c.jsonl.gz", [json.dumps({"id": r, "text": t}) for r, t in ROWS])
+    source, opened = inputs.InputTexts(str(path), "doc"), []
+    monkeypatch.setattr(inputs, "TextLines", lambda *args: opened.append(args[1]) or TextLines(*args))
+    whole = [r for r, _ in ROWS]
+    assert [source.read(lo, min(lo + 7, 20))[0] for lo in range(0, 20, 7)] == [whole[:7], whole[7:14], whole[14:]]
+    assert opened == [(0, 0)]
+    assert source.read(3, 5)[0] == whole[3:5] and source.read(5, 10)[0] == whole[5:10]
+    assert opened == [(0, 0), source.marks[1]]  # from the mark before row 3, then on
+    info = path.stat()
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))  # the same bytes, touched
+    with pytest.raises(InputError, match=rf"^{path}: changed since encoding began"):
+        source.read(10, 12)
 
 
 def test_duplicates_are_found_whatever_the_hashes(tmp_path, monkeypatch):
