@@ -41,7 +41,6 @@ class InputTexts:
     def __init__(self, path: str, kind: str):
         self.path, self.kind, self.allow_empty = path, kind, kind == "doc"
         self.table_rows = path.startswith("irds:") or path.endswith((".parquet", ".arrow", ".csv"))  # rows, not lines
-        self.where = (lambda row: f"{path}: row {row}: ") if self.table_rows else (lambda row: f"{path}: ")
         if path.startswith("irds:"):
             import ir_datasets
 
@@ -69,7 +68,7 @@ class InputTexts:
         for row, (rid, _) in enumerate(self._rows(0, None) if twice else (), 1):
             if hash(rid) in twice:
                 if rid in seen:
-                    raise InputError(f"{self.where(row)}duplicate id '{rid}'")
+                    raise InputError(f"{path}: {f'row {row}: ' if self.table_rows else ''}duplicate id '{rid}'")
                 seen.add(rid)
 
     def __len__(self) -> int:
