@@ -12,10 +12,11 @@ Input: JSONL/TSV (id, text), a HF `datasets` file (.parquet/.arrow/.csv with id 
 Output (default `<output_dir>/encode/corpus` or `.../queries`): `part-NNNNN.jsonl.gz` shards of
 {"id", "vector": {token: weight}} and `meta.json` (model, config hash, vocab size and hash, count, empty, texts cut
 at the max length, nnz mean/p99, quantisation scale, FLOPs estimate for queries when the encoded corpus is found).
-Texts are split into shards by position; each process writes its own shards (no gather), and a rerun skips shards
-that already exist, so a killed job resumes without duplicates or gaps. A rerun with other settings (model,
-vocabulary, top-k, threshold, quantisation, max length, input, shard size) over existing shards is refused, as
-recorded in `.encode/settings.json` when the run began, unless `encode.overwrite=true` removes them first.
+The input is checked in one streaming pass, then each shard reads only its own texts (`InputTexts`: memory holds a
+shard, not the corpus). Texts are split into shards by position; each process writes its own shards (no gather), and
+a rerun skips shards that already exist, so a killed job resumes without duplicates or gaps. A rerun with other
+settings (model, vocabulary, top-k, threshold, quantisation, max length, input, shard size) over existing shards is
+refused, as recorded in `.encode/settings.json` when the run began, unless `encode.overwrite=true` removes them first.
 Within a shard texts are encoded in length-sorted batches to avoid padding waste, then written in input order.
 `encode.num_writers` worker processes turn the pruned vectors into JSON lines while the model runs on.
 """
@@ -33,7 +34,7 @@ from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
 from lsr_core.config import ConfigError, load_config
-from lsr_core.inputs import local_path, read_input, resolve_model_path
+from lsr_core.inputs import InputTexts, local_path, resolve_model_path
 from lsr_core.modeling import build_model
 from lsr_core.outputs import claim_output, counts_path, encode_settings, finish, shard_counts, unfinished
 from lsr_core.pipeline import check_finite, encode_shard
@@ -52,11 +53,11 @@ def main(argv=None) -> Path:
     is_query = enc.kind == "query"
     out = Path(enc.output or cfg.output_dir / "encode" / ("queries" if is_query else "corpus"))
     model_path, why, doubtful = resolve_model_path(cfg)
-    ids, texts = read_input(enc.input, enc.kind)
+    source = InputTexts(enc.input, enc.kind)  # checked in one pass; each shard reads its own rows
 
     accelerator = Accelerator(**accelerator_kwargs())
-    per_shard = enc.shard_size or math.ceil(len(ids) / accelerator.num_processes)
-    n_shards = math.ceil(len(ids) / per_shard)
+    per_shard = enc.shard_size or math.ceil(len(source) / accelerator.num_processes)
+    n_shards = math.ceil(len(source) / per_shard)
     mine = unfinished(out, n_shards, accelerator)
     # the writer processes start first: their start-up (each imports torch, seconds on a GPU host) runs while the
     # model loads, instead of holding up the first batches
@@ -69,12 +70,12 @@ def main(argv=None) -> Path:
         model = build_model(cfg.model, max_lengths=lengths).to(accelerator.device).eval()
         max_length = model.spec.max_query_len if is_query else model.spec.max_doc_len
         vocab = id_to_token_list(model.tokenizer)
-        settings = encode_settings(cfg, model, vocab, len(ids), per_shard, max_length)
+        settings = encode_settings(cfg, model, vocab, len(source), per_shard, max_length)
         claim_output(accelerator, out, settings, enc.overwrite)
         mine = unfinished(out, n_shards, accelerator)  # encode.overwrite may have removed finished shards
-        todo = sum(min(per_shard, len(ids) - s * per_shard) for s in mine)
+        todo = sum(min(per_shard, len(source) - s * per_shard) for s in mine)
         writers.start(vocab, enc.quant_scale)
-        logger.info(f"encoding {len(ids)} {'queries' if is_query else 'documents'} with {cfg.model.name_or_path} "
+        logger.info(f"encoding {len(source)} {'queries' if is_query else 'documents'} with {cfg.model.name_or_path} "
                     f"into {n_shards} shard(s) on {accelerator.num_processes} process(es); this process: "
                     f"{len(mine)} to do", main_process_only=False)
         if enc.num_workers:  # workers hand batches over by shared-memory file name, not by descriptor: faster on
@@ -82,25 +83,26 @@ def main(argv=None) -> Path:
         started = time.time()
         progress = tqdm(total=todo, disable=not accelerator.is_main_process, desc="encode", unit="text")
         for shard in mine:
-            lo, hi = shard * per_shard, min(len(ids), (shard + 1) * per_shard)
+            lo, hi = shard * per_shard, min(len(source), (shard + 1) * per_shard)
+            ids, texts = source.read(lo, hi)
             rows: list[tuple[str, int] | None] = [None] * (hi - lo)  # (vector JSON, nnz) in input order
             counts = collections.Counter(truncated=0)
-            for positions, reps in encode_shard(model, texts[lo:hi], is_query, enc.batch_size, progress,
+            for positions, reps in encode_shard(model, texts, is_query, enc.batch_size, progress,
                                                 enc.num_workers, counts=counts):
                 pruned = prune(reps, enc.topk, enc.threshold)
-                check_finite(reps, [ids[lo + pos] for pos in positions], enc.input)
+                check_finite(reps, [ids[pos] for pos in positions], enc.input)
                 _place(rows, writers.submit(positions, pruned))
             _place(rows, writers.drain())
             atomic_write_json(counts_path(out, shard), {"texts": hi - lo, **counts})
             writer = ShardWriter(out / shard_name(shard))
-            for rid, (vector_json, nnz) in zip(ids[lo:hi], rows):
+            for rid, (vector_json, nnz) in zip(ids, rows):
                 writer.add_json(rid, vector_json, nnz)
             writer.close()  # atomic: the shard exists only once complete
     progress.close()
     elapsed = time.time() - started
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        finish(cfg, out, ids, n_shards, is_query, len(vocab), todo, elapsed, vocab=vocab,
+        finish(cfg, out, source, n_shards, is_query, len(vocab), todo, elapsed, vocab=vocab,
                truncated=shard_counts(out, n_shards, "truncated"), max_length=max_length)
     return out
 

@@ -3,17 +3,20 @@
 meta.json and config.yaml, prints the summary line; zeroshot_prompt.py's output too)."""
 from __future__ import annotations
 
+import array
+import collections
 import dataclasses
 import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Iterable
 
 from lsr_core.config import config_hash, save_config
 from lsr_core.inputs import local_path
 from lsr_core.modeling import RUNTIME_FIELDS
-from lsr_core.sparse import (SHARD_PATTERN, doc_freqs, flops_from_freqs, load_vectors, nnz_stats, read_doc_freqs,
-                             read_meta, shard_name, vocab_hash, write_doc_freqs, write_meta)
+from lsr_core.sparse import (SHARD_PATTERN, flops_from_freqs, nnz_stats, read_doc_freqs, read_meta, read_vectors,
+                             shard_name, vocab_hash, write_doc_freqs, write_meta)
 from lsr_core.utils import InputError, atomic_write_json, read_json
 
 logger = logging.getLogger(__name__)
@@ -105,7 +108,7 @@ def shard_counts(out: Path, n_shards: int, key: str) -> int | None:
     return total
 
 
-def finish(cfg, out: Path, ids: list[str], n_shards: int, is_query: bool, vocab_size: int, todo: int,
+def finish(cfg, out: Path, ids: Iterable[str], n_shards: int, is_query: bool, vocab_size: int, todo: int,
            elapsed: float, hash_sections=("model",), label: str = "encoded", note: str = "",
            vocab: list[str] | None = None, truncated: int | None = None, max_length: int | None = None) -> dict:
     """Main process, once every shard exists (encode.py, zeroshot_prompt.py): check the shards, write meta.json and
@@ -130,20 +133,33 @@ def finish(cfg, out: Path, ids: list[str], n_shards: int, is_query: bool, vocab_
     return meta
 
 
-def summarize(cfg, out: Path, ids: list[str], n_shards: int, is_query: bool, vocab_size: int) -> dict:
-    """Check the shards hold every id exactly once and gather the stats for meta.json."""
-    expected = set(ids)
-    shard_ids, vectors = load_vectors(out)  # raises on duplicates across shards
-    if set(shard_ids) != expected or len(list(out.glob("part-*.jsonl.gz"))) != n_shards:
-        missing = len(expected - set(shard_ids))
-        raise InputError(f"{out}: shards do not match the input ({missing} ids missing, {len(shard_ids)} written); "
-                         f"the folder holds output of another input or shard size: remove it and re-run")
-    stats = nnz_stats([len(v) for v in vectors])
+def summarize(cfg, out: Path, ids: Iterable[str], n_shards: int, is_query: bool, vocab_size: int) -> dict:
+    """Check the shards hold every id of the input (`ids`, in input order, iterable twice) once, in its order, and
+    gather the stats for meta.json, one vector at a time (documents are counted, not kept; queries are kept for
+    their FLOPs)."""
+    expected, nnz, df, vectors = iter(ids), array.array("q"), collections.Counter(), []
+    in_order = True
+    for rid, vec in read_vectors(out):
+        in_order = in_order and rid == next(expected, None)
+        nnz.append(len(vec))
+        if is_query:
+            vectors.append(vec)
+        else:
+            df.update(vec.keys())  # documents holding each token
+    in_order = in_order and next(expected, None) is None
+    if not in_order or len(list(out.glob("part-*.jsonl.gz"))) != n_shards:
+        shard_ids = [rid for rid, _ in read_vectors(out)]  # read again for the message
+        missing, repeated = len(set(ids) - set(shard_ids)), len(shard_ids) - len(set(shard_ids))
+        order = "" if missing or repeated else ", out of input order"
+        raise InputError(f"{out}: shards do not match the input ({missing} ids missing, {repeated} repeated, "
+                         f"{len(shard_ids)} written{order}); the folder holds output of another input or shard size: "
+                         f"remove it and re-run")
+    stats = nnz_stats(nnz)
     meta = {"model": cfg.model.name_or_path, "kind": cfg.encode.kind,
             "input": cfg.encode.input, "vocab_size": vocab_size, "shards": n_shards, **stats,
             "topk": cfg.encode.topk, "threshold": cfg.encode.threshold, "scale": cfg.encode.quant_scale}
     if not is_query:  # counted from the vectors already loaded: queries' FLOPs never reload the corpus
-        meta["doc_freqs"] = write_doc_freqs(out, *doc_freqs(vectors))
+        meta["doc_freqs"] = write_doc_freqs(out, len(nnz), df)
     else:
         docs = Path(cfg.encode.flops_docs) if cfg.encode.flops_docs else out.parent / "corpus"
         if (docs / "meta.json").is_file():

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import orjson
+
 
 class InputError(ValueError):
     """Bad input data; the message names the file, the line and the field."""
@@ -128,18 +130,19 @@ def atomic_write_json(path: str | Path, obj) -> None:
 
 
 class TextLines:
-    """A UTF-8 text file, gzip-compressed when its name ends in .gz, read line by line (use `open_text`). Iterating
-    yields each line with its newline; a line that is not UTF-8, a truncated gzip or a corrupt deflate stream raises
+    """A UTF-8 text file, gzip-compressed when its name ends in .gz, read line by line (use `open_text`), or from
+    `start`: (`file.tell()` after a line, its line number; a .gz file decompresses its way there). Iterating yields
+    each line with its newline; a line that is not UTF-8, a truncated gzip or a corrupt deflate stream raises
     InputError naming the file and the line instead of a decoder's traceback. Lines end at b"\\n" only, so line
     numbers are `wc -l`'s; a UTF-8 byte-order mark at the start is dropped."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.lineno = 0  # lines yielded so far
+    def __init__(self, path: Path, start: tuple[int, int] = (0, 0)):
+        self.path, self.lineno = path, start[1]  # lineno: lines yielded so far, counted from the file's start
         try:
             self.file = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
-        except OSError as err:
-            raise InputError(f"{path}: cannot open ({err.strerror or err})") from None
+            self.file.seek(start[0])
+        except (OSError, EOFError, zlib.error) as err:  # seek: a .gz file damaged before `start`
+            raise InputError(f"{path}: cannot open ({getattr(err, 'strerror', None) or err})") from None
 
     def __enter__(self):
         return self
@@ -147,12 +150,9 @@ class TextLines:
     def __exit__(self, *exc):
         self.file.close()
 
-    def close(self) -> None:
-        self.file.close()
-
     def __iter__(self) -> Iterator[str]:
         try:
-            if self.file.peek(3)[:3] == b"\xef\xbb\xbf":
+            if self.file.tell() == 0 and self.file.peek(3)[:3] == b"\xef\xbb\xbf":
                 self.file.read(3)
             for raw in self.file:
                 self.lineno += 1
@@ -210,33 +210,36 @@ def read_json(path: str | Path, fix: str = ""):
         raise InputError(f"{path}: unreadable ({err.strerror or err}){then}") from None
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, object); a malformed line raises InputError naming file:line."""
-    with open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
+def read_jsonl(path: str | Path, lines: TextLines | None = None) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, object); a malformed line raises InputError naming file:line. `lines`: `path` opened."""
+    with lines or open_text(path) as f:
+        for lineno, line in enumerate(f, f.lineno + 1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
+                obj = orjson.loads(line)  # faster than json on shard lines (bench/RESULTS.md)
+            except orjson.JSONDecodeError:  # json: its error messages, and what it reads beyond JSON (NaN, Infinity)
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise InputError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
             if not isinstance(obj, dict):
                 raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj
 
 
-def read_texts(path: str | Path, allow_empty: bool = False) -> Iterator[tuple[str, str]]:
+def read_texts(path: str | Path, allow_empty: bool = False, lines=None) -> Iterator[tuple[str, str]]:
     """Read (id, text) from JSONL ({"id"|"_id"|"qid"|"docid", "text"|"contents"[, "title"]}) or TSV (id<TAB>text).
 
     TSV lines are split on tabs, nothing quoted: a line with more than one tab is an error (a tab inside a text would
     make its id and text ambiguous). Ids must be non-empty and free of whitespace (`check_id`). Empty texts are an
-    error unless `allow_empty` (documents may be empty; queries may not).
+    error unless `allow_empty` (documents may be empty; queries may not). `lines`: `path` opened (at a `start`).
     """
     path = Path(path)
     name = path.name[:-3] if path.name.endswith(".gz") else path.name
     if name.endswith((".tsv", ".txt")):
-        with open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
+        with lines or open_text(path) as f:
+            for lineno, line in enumerate(f, f.lineno + 1):
                 line = line.rstrip("\r\n")
                 if not line:
                     continue
@@ -248,7 +251,7 @@ def read_texts(path: str | Path, allow_empty: bool = False) -> Iterator[tuple[st
                 _check_text(path, lineno, rid, row[1], allow_empty)
                 yield rid, row[1]
         return
-    for lineno, obj in read_jsonl(path):
+    for lineno, obj in read_jsonl(path, lines):
         id_key = next((k for k in ("id", "_id", "qid", "docid", "pid") if k in obj), None)
         if id_key is None:
             raise InputError(f"{path}:{lineno}: missing field 'id'")
@@ -284,11 +287,9 @@ def load_texts(path: str | Path, allow_empty: bool = False) -> dict[str, str]:
 
 
 def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
-    """TREC qrels, `qid iter docid rel` (4 columns, `iter` ignored), or `qid docid rel` (3 columns) throughout.
-
-    The first line fixes the number of columns for the whole file, so a line missing a field is an error rather
-    than a read with its fields shifted; `rel` must be an integer. A (qid, docid) judged twice with different
-    grades is an error; a repeated identical judgment is kept once."""
+    """TREC qrels, `qid iter docid rel` (4 columns, `iter` ignored), or `qid docid rel` (3 columns) throughout: the
+    first line fixes the number of columns, so a line missing a field is an error rather than a read with its fields
+    shifted; `rel` must be an integer. A (qid, docid) judged twice with other grades is an error (same: kept once)."""
     qrels: dict[str, dict[str, int]] = {}
     columns = first = 0
     with open_text(path) as f:
@@ -395,6 +396,4 @@ def accelerator_kwargs(deepspeed: bool = False) -> dict:
     from accelerate import InitProcessGroupKwargs
 
     gloo = {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
-    if deepspeed:
-        return gloo
-    return {"cpu": True, **gloo}
+    return gloo if deepspeed else {"cpu": True, **gloo}

@@ -1,7 +1,7 @@
 """The benchmarks' CPU smoke runs (`--tiny`): every system of bench/train.py, bench/encode_gpu.py,
-bench/encode_head.py, bench/attention.py, bench/tokenize_cpu.py and bench/vectors_cpu.py (and bench/train_gpu_check.py's QLoRA variant)
-runs on tiny models and reports its row, so a change in lsr_core that breaks a benchmark is caught here, not on a
-lent GPU."""
+bench/encode_head.py, bench/attention.py, bench/tokenize_cpu.py, bench/vectors_cpu.py and bench/shard_json.py (and
+bench/train_gpu_check.py's QLoRA variant) runs on tiny models and reports its row, so a change in lsr_core that
+breaks a benchmark is caught here, not on a lent GPU."""
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -117,3 +117,13 @@ def test_vectors_bench_tiny():
     assert rows[1]["columns"] < rows[0]["columns"] and all(r["ms_per_batch"] > 0 for r in rows)
     assert all(r["docs_per_s"] > 0 for r in rows[6:8])
     assert all(r["system"].startswith("ShardWriter.close") and r["gz_mb"] > 0 for r in rows[8:]) and rows[8:]
+
+
+def test_shard_json_bench_tiny():
+    from bench import shard_json
+
+    row = shard_json.main(["--tiny"])
+    assert row["docs"] == 300 and row["nnz_mean"] > 100
+    assert all(row[key] > 0 for key in ("json.loads", "orjson.loads", "read_vectors (json)", "read_vectors (orjson)",
+                                        "load_csr (json)", "load_csr (orjson)", "json.dumps", "orjson.dumps"))
+    assert row["dumps_identical"] == "0/300"  # orjson's bytes are not json's: shards are still written by json

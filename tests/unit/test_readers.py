@@ -153,6 +153,25 @@ def test_qrels_judgment_repeated_with_another_grade_is_an_error(tmp_path):
         read_qrels(path)
 
 
+def test_jsonl_lines_read_as_json_reads_them(tmp_path):
+    """read_jsonl parses with orjson, and with json what orjson refuses: the objects (float digits, key order, a
+    repeated key, NaN, Infinity, 1e400, a lone surrogate) and the error messages are json's."""
+    lines = ['{"a": 0.1, "b": 5e-05, "c": -0.0, "d": 1e16, "\u00e9\\"": "x\u2028y", "a": 2, "i": -9223372036854775808}',
+             '{"w": NaN, "x": Infinity, "y": -Infinity, "z": 1e400, "s": "\\ud800"}', "{}"]
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(lines_bytes(lines))
+    got = list(read_jsonl(path))
+    assert json.dumps(got) == json.dumps([(i, json.loads(line)) for i, line in enumerate(lines, 1)])
+    assert got[0][1]["b"] == 5e-05 and list(got[0][1]) == ["a", "b", "c", "d", 'é"', "i"] and got[0][1]["a"] == 2
+    for bad in ['{"a": 1,}', '{"a": 01}', '\ufeff{"a": 1}', '{"a": tru}', '{"a": "\\x"}']:
+        path.write_bytes(lines_bytes(["{}", bad]))
+        with pytest.raises(json.JSONDecodeError) as expected:
+            json.loads(bad)
+        with pytest.raises(InputError) as err:
+            list(read_jsonl(path))
+        assert str(err.value) == f"{path}:2: invalid JSON ({expected.value.msg})"
+
+
 WEIGHT_RULE = r"\(weights must be finite numbers >= 0, at most float32's 3.4e\+38\)$"
 
 
@@ -229,6 +248,9 @@ def fake_module(monkeypatch, name, **attrs):
 
 class FakeTable(list):
     column_names = ["id", "text"]
+
+    def select(self, positions):  # a HF Dataset's rows by position
+        return FakeTable(self[i] for i in positions)
 
 
 @pytest.mark.parametrize("rows, message", [
