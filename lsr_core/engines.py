@@ -41,9 +41,9 @@ class ExactEngine(Engine):
     docs^T is stored as its three CSR arrays, postings/{indptr,indices,data}.npy (uncompressed, memory-mapped at search
     time: only the rows of the query tokens are read); indexes of an older layout, one docs.npz, are read whole."""
 
-    name, marker = "exact", "postings"
-    legacy = "docs.npz"
-    chunk_terms = 2**20  # terms transposed at a time while building: bounds the temporary arrays
+    name, marker, legacy = "exact", "postings", "docs.npz"
+    chunk_terms = 2**18  # terms transposed at a time while building: bounds the temporary arrays (~50 bytes a term)
+    segments = 2  # each array of docs^T is built in this many parts: the loaded matrix + 1/4 of it in memory
 
     @classmethod
     def found(cls, folder):
@@ -55,36 +55,46 @@ class ExactEngine(Engine):
     def _build(self, docs, order, folder):
         n_docs, n_tokens = docs.shape[0], len(self.vocab)
         index_dtype = np.int32 if max(n_docs, n_tokens, docs.nnz) < 2**31 - 1 else np.int64  # scipy's own choice
+        counts = np.zeros(n_tokens, np.int64)
+        for start in range(0, docs.nnz, self.chunk_terms):  # by slices: bincount makes an int64 copy of its input
+            counts += np.bincount(docs.indices[start:start + self.chunk_terms], minlength=n_tokens)[:n_tokens]
         indptr = np.zeros(n_tokens + 1, index_dtype)
-        np.cumsum(np.bincount(docs.indices, minlength=n_tokens), out=indptr[1:])
+        np.cumsum(counts, out=indptr[1:])
         out = folder / self.marker
         out.mkdir(exist_ok=True)
-        # one array at a time, so that only the loaded matrix and one array of the transpose are ever in memory
-        self._save(out / "indptr.npy", indptr)
-        self._save(out / "data.npy", self._transposed(docs, order, indptr, lambda first, t: t.data, np.float32))
-        # a chunk's columns count from its first document
-        self._save(out / "indices.npy", self._transposed(docs, order, indptr, lambda first, t: t.indices + first,
-                                                         index_dtype))
+        with open(out / "indptr.npy", "wb") as f:
+            np.save(f, indptr, allow_pickle=False)
+        self._save_transposed(out / "data.npy", docs, order, indptr, "data", np.float32)
+        self._save_transposed(out / "indices.npy", docs, order, indptr, "indices", index_dtype)
         self._open(folder)
 
-    def _transposed(self, docs, order, indptr, values, dtype) -> np.ndarray:
-        """One array of docs^T's CSR [V, N] (its data, or its doc numbers): `values(first, chunk^T)` of each chunk of
-        documents in docid order lands after the earlier chunks' entries of each token row."""
-        out = np.empty(int(indptr[-1]), dtype)
-        cursor = indptr[:-1].astype(np.int64)  # where each token row's next entry goes
+    def _save_transposed(self, path: Path, docs, order, indptr, part: str, dtype) -> None:
+        """docs^T's `part` ("data", or "indices": the doc numbers) as the .npy `path`, written `segments` groups of
+        token rows at a time: only one group's entries are ever in memory beside the loaded matrix."""
+        nnz = int(indptr[-1])
+        bounds = np.searchsorted(indptr, np.linspace(0, nnz, self.segments + 1), side="right") - 1
+        bounds[-1] = len(indptr) - 1
+        with open(path, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                     "fortran_order": False, "shape": (nnz,)})
+            for top, stop in zip(bounds[:-1], bounds[1:]):
+                self._transposed(docs, order, indptr, top, stop, part, dtype).tofile(f)
+
+    def _transposed(self, docs, order, indptr, top: int, stop: int, part: str, dtype) -> np.ndarray:
+        """Token rows top..stop-1 of docs^T's `part`: each chunk of documents in docid order lands after the earlier
+        chunks' entries of each token row."""
+        out = np.empty(int(indptr[stop] - indptr[top]), dtype)
+        cursor = (indptr[top:stop] - indptr[top]).astype(np.int64)  # where each token row's next entry goes
         rows = max(1, self.chunk_terms * docs.shape[0] // max(docs.nnz, 1))
-        n_tokens = len(cursor)  # load_csr gives an empty vocab one column
         for first, chunk in ordered_chunks(docs, order, rows):
             chunk_t = chunk.T.tocsr()  # [V, rows], doc numbers ascending within each token row
-            starts, counts = chunk_t.indptr[:n_tokens], np.diff(chunk_t.indptr[:n_tokens + 1])
-            out[np.repeat(cursor - starts, counts) + np.arange(chunk_t.nnz)] = values(first, chunk_t)
+            ptr = chunk_t.indptr[top:stop + 1]
+            a, b, counts = ptr[0], ptr[-1], np.diff(ptr)
+            # a chunk's columns count from its first document
+            values = chunk_t.data[a:b] if part == "data" else chunk_t.indices[a:b] + first
+            out[np.repeat(cursor - (ptr[:-1] - a), counts) + np.arange(b - a)] = values
             cursor += counts
         return out
-
-    @staticmethod
-    def _save(path: Path, array: np.ndarray) -> None:
-        with open(path, "wb") as f:
-            np.save(f, array, allow_pickle=False)
 
     def _open(self, folder):
         if not (folder / self.marker).exists():

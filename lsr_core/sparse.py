@@ -189,7 +189,7 @@ def load_vectors(folder_or_file: str | Path) -> tuple[list[str], list[dict]]:
     return ids, vecs
 
 
-def load_csr(folder_or_file: str | Path, chunk: int = 10000, nnz_hint: int = 0):
+def load_csr(folder_or_file: str | Path, chunk: int = 1000, nnz_hint: int = 0):
     """`to_csr(load_vectors(...))` as (ids, CSR float32, vocab), same checks, no dict kept per vector: every `chunk`
     lines go into int32/float32 arrays with room for `nnz_hint` terms (grown by half when full; unwritten pages cost
     no memory), so a corpus costs about its CSR bytes, not ~20x that in Python objects."""

@@ -164,6 +164,7 @@ def mapped(array) -> bool:
 def test_exact_postings_built_in_chunks_are_memory_mapped(fixture_data, tmp_path, monkeypatch):
     ids, docs, queries = fixture_data
     monkeypatch.setattr(engines.ExactEngine, "chunk_terms", 100)  # 4 documents a chunk: 375 chunks
+    monkeypatch.setattr(engines.ExactEngine, "segments", 3)
     built = engines.build("exact", ids, docs, tmp_path)
     assert sorted(p.name for p in (tmp_path / "postings").iterdir()) == ["data.npy", "indices.npy", "indptr.npy"]
     assert not (tmp_path / "docs.npz").exists()
