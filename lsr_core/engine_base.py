@@ -57,12 +57,16 @@ def docid_order(doc_ids: list[str]) -> np.ndarray | None:
     return order
 
 
-def ordered_chunks(docs, order: np.ndarray | None, rows: int):
+def ordered_chunks(docs, order: np.ndarray | None, rows: int, release: bool = False):
     """(first doc number, CSR of the next `rows` documents in docid order) over all of `docs`: one chunk is copied
-    at a time, never the whole matrix."""
+    at a time, never the whole matrix. `release`: `docs` becomes an empty matrix once the last chunk is taken, its
+    arrays freed while the engine builds from its own copy."""
     for first in range(0, docs.shape[0], rows):
         stop = min(first + rows, docs.shape[0])
         yield first, docs[first:stop] if order is None else docs[order[first:stop]]
+    if release:
+        empty = sp.csr_matrix((0, docs.shape[1]), dtype=docs.dtype)
+        docs.data, docs.indices, docs.indptr, docs._shape = empty.data, empty.indices, empty.indptr, empty.shape
 
 
 class EngineUnavailable(RuntimeError):
@@ -95,10 +99,14 @@ class Engine:
         self.doc_ids: list[str] = []
         self.vocab: dict[str, int] = {}
         self.empty_queries = 0
+        self.release = False
 
-    def build(self, doc_ids: list[str], doc_vectors, folder: str | Path, vocab: dict[str, int] | None = None
-              ) -> "Engine":
-        """`doc_vectors`: dicts, or CSR with `vocab` (token -> its column, as `sparse.load_csr` gives)."""
+    def build(self, doc_ids: list[str], doc_vectors, folder: str | Path, vocab: dict[str, int] | None = None,
+              release: bool = False) -> "Engine":
+        """`doc_vectors`: dicts, or CSR with `vocab` (token -> its column, as `sparse.load_csr` gives). `release`: an
+        engine that copies the documents into its own structures empties their CSR (a canonical float32 `doc_vectors`
+        itself, see `as_csr`) once it has read it, so that the corpus is not held twice while it builds (index.py)."""
+        self.release = release
         n_vectors = doc_vectors.shape[0] if sp.issparse(doc_vectors) else len(doc_vectors)
         if len(doc_ids) != n_vectors:
             raise InputError(f"{len(doc_ids)} doc ids for {n_vectors} vectors")

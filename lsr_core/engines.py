@@ -170,7 +170,7 @@ class QdrantEdgeEngine(Engine):
             sparse_vectors={self.vector_name: qe.EdgeSparseVectorParams(datatype=qe.VectorStorageDatatype.Float32)},
             wal_enabled=False)  # durability comes from flush() below; a WAL only doubles the disk use
         shard = qe.EdgeShard.create(str(folder / "qdrant"), config)
-        for first, chunk in ordered_chunks(docs, order, 5000):  # one upsert per chunk: Python objects for it only
+        for first, chunk in ordered_chunks(docs, order, 5000, self.release):  # Python objects for a chunk only
             points = []
             indptr, indices, weights = chunk.indptr.tolist(), chunk.indices.tolist(), chunk.data.tolist()
             for row, (a, b) in enumerate(zip(indptr, indptr[1:])):
@@ -231,7 +231,7 @@ class SeismicEngine(Engine):
     def _build(self, docs, order, folder):
         dataset_cls, index_cls = self._classes()
         dataset = dataset_cls(dim=len(self.vocab))
-        for first, chunk in ordered_chunks(docs, order, 20000):  # int64 copies of one chunk at a time, as it wants
+        for first, chunk in ordered_chunks(docs, order, 20000, self.release):  # int64 copies of a chunk only
             dataset.add_documents_by_id([str(d) for d in range(first, first + chunk.shape[0])],
                                         chunk.indices.astype(np.int64), chunk.data,
                                         chunk.indptr.astype(np.int64))
@@ -300,7 +300,7 @@ class MilvusEngine(Engine):
         index.add_index(field_name="vector", index_type="SPARSE_INVERTED_INDEX", metric_type="IP",
                         params={"inverted_index_algo": self.params.get("algo", "TAAT_NAIVE")})
         client.create_collection(name, schema=schema, index_params=index)
-        for first, chunk in ordered_chunks(docs, order, 10000):  # one insert per chunk: a dict per row of it only
+        for first, chunk in ordered_chunks(docs, order, 2000, self.release):  # a dict per row of a chunk only
             indptr, indices, weights = chunk.indptr.tolist(), chunk.indices.tolist(), chunk.data.tolist()
             rows = [{"doc": first + row, "vector": dict(zip(indices[a:b], weights[a:b]))}
                     for row, (a, b) in enumerate(zip(indptr, indptr[1:]))
@@ -376,10 +376,10 @@ def config_params(engine: str, section) -> dict:
 
 
 def build(engine: str, doc_ids: list[str], doc_vectors, folder: str | Path, params: dict | None = None,
-          vocab: dict[str, int] | None = None) -> Engine:
+          vocab: dict[str, int] | None = None, release: bool = False) -> Engine:
     """Build an index of `doc_vectors` (dicts, or CSR with its `vocab`) into `folder`; returns the engine, ready to
-    search."""
-    return engine_class(engine)(params).build(doc_ids, doc_vectors, folder, vocab)
+    search. `release`: the engine may empty a CSR `doc_vectors` once it holds its own copy (`Engine.build`)."""
+    return engine_class(engine)(params).build(doc_ids, doc_vectors, folder, vocab, release)
 
 
 def load_info(folder: str | Path) -> dict:
