@@ -112,7 +112,7 @@ class Engine:
             raise InputError(f"{len(doc_ids)} doc ids for {n_vectors} vectors")
         order = docid_order(doc_ids)  # doc number order == docid order
         docs, self.vocab = as_csr(doc_vectors, vocab)
-        self.doc_ids = list(doc_ids) if order is None else [doc_ids[i] for i in order.tolist()]
+        self.doc_ids = list(doc_ids) if order is None else list(map(doc_ids.__getitem__, order))  # no int list
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self._build(docs, order, folder)  # the engine reads the rows in docid order, chunk by chunk
