@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)  # ours by name: a killed run whose pid this process now has
     try:
         start = time.perf_counter()
-        index = engines.build(engine, doc_ids, doc_matrix, tmp, params, vocab=doc_vocab)
+        # release: an engine that copies the corpus into its own structures frees the loaded matrix before it builds
+        index = engines.build(engine, doc_ids, doc_matrix, tmp, params, vocab=doc_vocab, release=True)
         build_seconds = time.perf_counter() - start
         index.close()  # milvus-lite holds its folder until closed
         meta = {"engine": engine, "params": params, "input": str(source), "count": len(doc_ids),

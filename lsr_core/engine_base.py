@@ -5,7 +5,6 @@ themselves and their registry `ENGINES` are in lsr_core/engines.py."""
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,20 +20,53 @@ logger = logging.getLogger(__name__)
 
 
 def as_csr(vectors, vocab: dict[str, int] | None):
-    """Dicts or a CSR matrix -> (CSR float32 with sorted column ids and no stored zeros, vocab)."""
-    if sp.issparse(vectors):
-        mat = sp.csr_matrix(vectors, dtype=np.float32)
+    """Dicts or a CSR matrix -> (CSR float32 with sorted column ids and no stored zeros, vocab). A float32 CSR that is
+    already so (what `sparse.load_csr` gives) is used as it is, not copied: a corpus must fit twice over otherwise."""
+    fresh = not sp.issparse(vectors)  # a matrix of our own, to fix in place
+    if fresh:
+        mat, vocab = to_csr(vectors, vocab)
+    else:
+        mat = vectors if isinstance(vectors, sp.csr_matrix) else sp.csr_matrix(vectors)
         if vocab is None:
             vocab = {str(j): j for j in range(mat.shape[1])}
         elif mat.shape[1] > len(vocab):  # query columns the documents never used
-            mat = mat[:, :len(vocab)]
-    else:
-        mat, vocab = to_csr(vectors, vocab)
-    mat = mat.tocsr().copy()
+            mat, fresh = mat[:, :len(vocab)], True
+    if mat.dtype != np.float32:
+        mat, fresh = mat.astype(np.float32), True
+    # min() reads the weights without a temporary array; NaN fails the test and takes the copy below
+    if not fresh and mat.has_canonical_format and (mat.nnz == 0 or mat.data.min() > 0):
+        return mat, vocab
+    mat = mat if fresh else mat.copy()
     mat.data[mat.data < 0] = 0  # sparse vectors are non-negative; negative weights cannot come from our encoders
     mat.eliminate_zeros()
     mat.sort_indices()
     return mat, vocab
+
+
+def docid_order(doc_ids: list[str]) -> np.ndarray | None:
+    """Row numbers sorted by docid (None: the rows are in docid order already); a duplicate id is an InputError."""
+    ids = np.empty(len(doc_ids), dtype=object)  # object array: sorts by Python string order, no fixed-width copy
+    ids[:] = doc_ids
+    if len(ids) < 2 or (ids[1:] > ids[:-1]).all():
+        return None
+    order = np.argsort(ids, kind="stable")
+    ids = ids[order]
+    same = np.flatnonzero(ids[1:] == ids[:-1])
+    if same.size:
+        raise InputError(f"duplicate doc id '{ids[same[0]]}'")
+    return order
+
+
+def ordered_chunks(docs, order: np.ndarray | None, rows: int, release: bool = False):
+    """(first doc number, CSR of the next `rows` documents in docid order) over all of `docs`: one chunk is copied
+    at a time, never the whole matrix. `release`: `docs` becomes an empty matrix once the last chunk is taken, its
+    arrays freed while the engine builds from its own copy."""
+    for first in range(0, docs.shape[0], rows):
+        stop = min(first + rows, docs.shape[0])
+        yield first, docs[first:stop] if order is None else docs[order[first:stop]]
+    if release:
+        empty = sp.csr_matrix((0, docs.shape[1]), dtype=docs.dtype)
+        docs.data, docs.indices, docs.indptr, docs._shape = empty.data, empty.indices, empty.indptr, empty.shape
 
 
 class EngineUnavailable(RuntimeError):
@@ -67,23 +99,23 @@ class Engine:
         self.doc_ids: list[str] = []
         self.vocab: dict[str, int] = {}
         self.empty_queries = 0
+        self.release = False
 
-    def build(self, doc_ids: list[str], doc_vectors, folder: str | Path, vocab: dict[str, int] | None = None
-              ) -> "Engine":
-        """`doc_vectors`: dicts, or CSR with `vocab` (token -> its column, as `sparse.load_csr` gives)."""
+    def build(self, doc_ids: list[str], doc_vectors, folder: str | Path, vocab: dict[str, int] | None = None,
+              release: bool = False) -> "Engine":
+        """`doc_vectors`: dicts, or CSR with `vocab` (token -> its column, as `sparse.load_csr` gives). `release`: an
+        engine that copies the documents into its own structures empties their CSR (a canonical float32 `doc_vectors`
+        itself, see `as_csr`) once it has read it, so that the corpus is not held twice while it builds (index.py)."""
+        self.release = release
         n_vectors = doc_vectors.shape[0] if sp.issparse(doc_vectors) else len(doc_vectors)
         if len(doc_ids) != n_vectors:
             raise InputError(f"{len(doc_ids)} doc ids for {n_vectors} vectors")
-        dup = next((d for d, n in Counter(doc_ids).items() if n > 1), None)
-        if dup is not None:
-            raise InputError(f"duplicate doc id '{dup}'")
+        order = docid_order(doc_ids)  # doc number order == docid order
         docs, self.vocab = as_csr(doc_vectors, vocab)
-        order = sorted(range(len(doc_ids)), key=doc_ids.__getitem__)  # doc number order == docid order
-        self.doc_ids = [doc_ids[i] for i in order]
+        self.doc_ids = list(doc_ids) if order is None else list(map(doc_ids.__getitem__, order))  # no int list
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        docs = docs[order]  # rebound, so that the unordered copy is freed before the engine builds its own
-        self._build(docs, folder)
+        self._build(docs, order, folder)  # the engine reads the rows in docid order, chunk by chunk
         atomic_write_json(folder / "ids.json", self.doc_ids)
         tokens = [""] * len(self.vocab)
         for tok, col in self.vocab.items():
@@ -94,6 +126,11 @@ class Engine:
                                                    "docs": len(self.doc_ids), "vocab": len(self.vocab),
                                                    "stored": self._stored()})
         return self
+
+    @classmethod
+    def found(cls, folder: Path) -> bool:
+        """Whether `folder` holds this engine's data (else `load` says the index is not found)."""
+        return (folder / cls.marker).exists()
 
     def open(self, folder: str | Path) -> "Engine":
         folder = Path(folder)
@@ -140,7 +177,8 @@ class Engine:
     def close(self) -> None:
         """Release files and servers (call before moving the index folder)."""
 
-    def _build(self, docs, folder: Path) -> None:
+    def _build(self, docs, order: np.ndarray | None, folder: Path) -> None:
+        """Store `docs` (CSR [n_docs, vocab] in input order); doc number i is row `order[i]` (`ordered_chunks`)."""
         raise NotImplementedError
 
     def _open(self, folder: Path) -> None:

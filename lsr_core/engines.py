@@ -11,9 +11,9 @@ in docid order, so "docid ascending" is the integer order every engine breaks ti
 (score desc, docid asc). Empty queries (no known token) return [] and are counted in `engine.empty_queries`.
 
 Folder layout: engine.json (engine name, build params, and the numbers of docs, vocab tokens and vectors stored),
-ids.json, vocab.json, and the engine's own files: exact docs.npz | qdrant-edge qdrant/ | seismic index.index.seismic |
-milvus milvus.db (milvus-lite) or a cluster URI. `load` turns a missing or corrupt file, or one that holds another
-number of docs than engine.json records, into an InputError naming it.
+ids.json, vocab.json, and the engine's own files: exact postings/ (older indexes: docs.npz) | qdrant-edge qdrant/ |
+seismic index.index.seismic | milvus milvus.db (milvus-lite) or a cluster URI. `load` turns a missing or corrupt
+file, or one that holds another number of docs than engine.json records, into an InputError naming it.
 
 The `Engine` interface and what every engine shares are in lsr_core/engine_base.py; a new engine is a subclass here
 and an entry in `ENGINES` (its build/search params: `<prefix>_<key>` fields of the index and search config sections).
@@ -28,33 +28,115 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from lsr_core.engine_base import REBUILD, Engine, EngineUnavailable, one_line, parallel_rows, read_info
+from lsr_core.engine_base import (REBUILD, Engine, EngineUnavailable, one_line, ordered_chunks, parallel_rows,
+                                  read_info)
 from lsr_core.utils import InputError
 
 logger = logging.getLogger(__name__)
 
 
 class ExactEngine(Engine):
-    """Reference scorer: queries [n, V] @ docs^T [V, N] in scipy, exact top-k per row (argpartition + ties by docid)."""
+    """Reference scorer: queries [n, V] @ docs^T [V, N] in scipy, exact top-k per row (argpartition + ties by docid).
 
-    name, marker = "exact", "docs.npz"
+    docs^T is stored as its three CSR arrays, postings/{indptr,indices,data}.npy (uncompressed, memory-mapped at search
+    time: only the rows of the query tokens are read); indexes of an older layout, one docs.npz, are read whole."""
 
-    def _build(self, docs, folder):
-        self.docs_t = docs.T.tocsr()  # [V, N]: a query row times this is one sparse row of scores
-        sp.save_npz(folder / "docs.npz", self.docs_t, compressed=False)  # fast reload over small files
+    name, marker, legacy = "exact", "postings", "docs.npz"
+    chunk_terms = 2**18  # terms transposed at a time while building: bounds the temporary arrays (~50 bytes a term)
+    segments = 2  # each array of docs^T is built in this many parts: the loaded matrix + 1/4 of it in memory
+
+    @classmethod
+    def found(cls, folder):
+        return (folder / cls.marker).exists() or (folder / cls.legacy).exists()
+
+    def data_path(self, folder):
+        return str(folder / (self.marker if (folder / self.marker).exists() else self.legacy))
+
+    def _build(self, docs, order, folder):
+        n_docs, n_tokens = docs.shape[0], len(self.vocab)
+        index_dtype = np.int32 if max(n_docs, n_tokens, docs.nnz) < 2**31 - 1 else np.int64  # scipy's own choice
+        counts = np.zeros(n_tokens, np.int64)
+        for start in range(0, docs.nnz, self.chunk_terms):  # by slices: bincount makes an int64 copy of its input
+            counts += np.bincount(docs.indices[start:start + self.chunk_terms], minlength=n_tokens)[:n_tokens]
+        indptr = np.zeros(n_tokens + 1, index_dtype)
+        np.cumsum(counts, out=indptr[1:])
+        out = folder / self.marker
+        out.mkdir(exist_ok=True)
+        with open(out / "indptr.npy", "wb") as f:
+            np.save(f, indptr, allow_pickle=False)
+        self._save_transposed(out / "data.npy", docs, order, indptr, "data", np.float32)
+        self._save_transposed(out / "indices.npy", docs, order, indptr, "indices", index_dtype)
+        self._open(folder)
+
+    def _save_transposed(self, path: Path, docs, order, indptr, part: str, dtype) -> None:
+        """docs^T's `part` ("data", or "indices": the doc numbers) as the .npy `path`, written `segments` groups of
+        token rows at a time: only one group's entries are ever in memory beside the loaded matrix."""
+        nnz = int(indptr[-1])
+        bounds = np.searchsorted(indptr, np.linspace(0, nnz, self.segments + 1), side="right") - 1
+        bounds[-1] = len(indptr) - 1
+        with open(path, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                     "fortran_order": False, "shape": (nnz,)})
+            for top, stop in zip(bounds[:-1], bounds[1:]):
+                self._transposed(docs, order, indptr, top, stop, part, dtype).tofile(f)
+
+    def _transposed(self, docs, order, indptr, top: int, stop: int, part: str, dtype) -> np.ndarray:
+        """Token rows top..stop-1 of docs^T's `part`: each chunk of documents in docid order lands after the earlier
+        chunks' entries of each token row."""
+        out = np.empty(int(indptr[stop] - indptr[top]), dtype)
+        cursor = (indptr[top:stop] - indptr[top]).astype(np.int64)  # where each token row's next entry goes
+        rows = max(1, self.chunk_terms * docs.shape[0] // max(docs.nnz, 1))
+        for first, chunk in ordered_chunks(docs, order, rows):
+            chunk_t = chunk.T.tocsr()  # [V, rows], doc numbers ascending within each token row
+            ptr = chunk_t.indptr[top:stop + 1]
+            a, b, counts = ptr[0], ptr[-1], np.diff(ptr)
+            # a chunk's columns count from its first document
+            values = chunk_t.data[a:b] if part == "data" else chunk_t.indices[a:b] + first
+            out[np.repeat(cursor - (ptr[:-1] - a), counts) + np.arange(b - a)] = values
+            cursor += counts
+        return out
 
     def _open(self, folder):
-        if not zipfile.is_zipfile(folder / "docs.npz"):  # else numpy tries it as a pickle and says so
-            raise InputError(f"{folder / 'docs.npz'}: corrupt index file (not a .npz archive); {REBUILD}")
-        self.docs_t = sp.load_npz(folder / "docs.npz").tocsr()  # allow_pickle=False inside: no code runs from it
+        if not (folder / self.marker).exists():
+            return self._open_legacy(folder)
+        parts = {}
+        for part, kinds in (("indptr", "i"), ("indices", "i"), ("data", "f")):
+            path = folder / self.marker / f"{part}.npy"
+            if not path.is_file():
+                raise InputError(f"{path}: file not found; {REBUILD}")
+            try:  # allow_pickle=False: no code runs from the file
+                parts[part] = array = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (ValueError, OSError, EOFError) as err:  # a bad header, or fewer bytes than it announces
+                raise InputError(f"{path}: corrupt index file ({one_line(err)}); {REBUILD}") from None
+            if array.ndim != 1 or array.dtype.kind != kinds:
+                raise InputError(f"{path}: corrupt index file (a {array.ndim}-d {array.dtype} array); {REBUILD}")
+        indptr, indices, data = parts["indptr"], parts["indices"], parts["data"]
+        path = folder / self.marker / "indptr.npy"
+        if len(indptr) != len(self.vocab) + 1:
+            raise InputError(f"{path}: {len(indptr) - 1} token rows for {len(self.vocab)} tokens in vocab.json; "
+                             f"{REBUILD}")
+        if indptr[0] != 0 or (np.diff(indptr) < 0).any() or not indptr[-1] == len(indices) == len(data):
+            raise InputError(f"{path}: corrupt index file (row pointers do not fit {len(indices)} indices and "
+                             f"{len(data)} weights); {REBUILD}")
+        self.docs_t = sp.csr_matrix((data, indices, indptr), shape=(len(self.vocab), len(self.doc_ids)))
+
+    def _open_legacy(self, folder):
+        path = folder / self.legacy
+        if not zipfile.is_zipfile(path):  # else numpy tries it as a pickle and says so
+            raise InputError(f"{path}: corrupt index file (not a .npz archive); {REBUILD}")
+        self.docs_t = sp.load_npz(path).tocsr()  # allow_pickle=False inside: no code runs from it
         if self.docs_t.shape[0] != len(self.vocab):
-            raise InputError(f"{folder / 'docs.npz'}: {self.docs_t.shape[0]} token rows for {len(self.vocab)} "
+            raise InputError(f"{path}: {self.docs_t.shape[0]} token rows for {len(self.vocab)} "
                              f"tokens in vocab.json; {REBUILD}")
 
     def _stored(self):
         return self.docs_t.shape[1]
 
     def _search(self, queries, topk, threads):
+        index_dtype = self.docs_t.indices.dtype  # else scipy converts the whole docs^T to the queries' int64 per block
+        queries = sp.csr_matrix((queries.data, queries.indices.astype(index_dtype), queries.indptr.astype(index_dtype)),
+                                shape=queries.shape)
+
         def score(rows):
             hits = []
             for block in np.array_split(rows, -(-len(rows) // 64)):  # bounded [64, N] score matrices
@@ -81,21 +163,20 @@ class QdrantEdgeEngine(Engine):
     name, marker = "qdrant-edge", "qdrant"
     vector_name = "sparse"
 
-    def _build(self, docs, folder):
+    def _build(self, docs, order, folder):
         import qdrant_edge as qe
 
         config = qe.EdgeConfig(
             sparse_vectors={self.vector_name: qe.EdgeSparseVectorParams(datatype=qe.VectorStorageDatatype.Float32)},
             wal_enabled=False)  # durability comes from flush() below; a WAL only doubles the disk use
         shard = qe.EdgeShard.create(str(folder / "qdrant"), config)
-        batch = 5000
-        for start in range(0, docs.shape[0], batch):
+        for first, chunk in ordered_chunks(docs, order, 5000, self.release):  # Python objects for a chunk only
             points = []
-            for doc in range(start, min(start + batch, docs.shape[0])):
-                a, b = docs.indptr[doc], docs.indptr[doc + 1]
+            indptr, indices, weights = chunk.indptr.tolist(), chunk.indices.tolist(), chunk.data.tolist()
+            for row, (a, b) in enumerate(zip(indptr, indptr[1:])):
                 if b > a:  # an empty document can never match
-                    vector = qe.SparseVector(docs.indices[a:b].tolist(), docs.data[a:b].tolist())
-                    points.append(qe.Point(doc, {self.vector_name: vector}))
+                    vector = qe.SparseVector(indices[a:b], weights[a:b])
+                    points.append(qe.Point(first + row, {self.vector_name: vector}))
             shard.update(qe.UpdateOperation.upsert_points(points))
         shard.optimize()  # build the immutable (compressed) sparse index now, not on the first search
         shard.flush()
@@ -147,11 +228,13 @@ class SeismicEngine(Engine):
         return (seismic.SeismicDatasetLV, seismic.SeismicIndexLV) if large else (seismic.SeismicDataset,
                                                                                  seismic.SeismicIndex)
 
-    def _build(self, docs, folder):
+    def _build(self, docs, order, folder):
         dataset_cls, index_cls = self._classes()
         dataset = dataset_cls(dim=len(self.vocab))
-        dataset.add_documents_by_id([str(d) for d in range(docs.shape[0])], docs.indices.astype(np.int64),
-                                    docs.data.astype(np.float32), docs.indptr.astype(np.int64))
+        for first, chunk in ordered_chunks(docs, order, 20000, self.release):  # int64 copies of a chunk only
+            dataset.add_documents_by_id([str(d) for d in range(first, first + chunk.shape[0])],
+                                        chunk.indices.astype(np.int64), chunk.data,
+                                        chunk.indptr.astype(np.int64))
         params = {**self.build_defaults, **{k: v for k, v in self.params.items() if k in self.build_defaults}}
         self.index = index_cls.build_from_dataset(dataset, **params)
         self.index.save(str(folder / "index"))
@@ -202,7 +285,7 @@ class MilvusEngine(Engine):
                 raise EngineUnavailable(f"milvus: cannot start or reach {where}: {err}") from err
         self.collection = self.params.get("collection") or "lsr_docs"
 
-    def _build(self, docs, folder):
+    def _build(self, docs, order, folder):
         from pymilvus import DataType
 
         self._connect(folder)
@@ -217,13 +300,11 @@ class MilvusEngine(Engine):
         index.add_index(field_name="vector", index_type="SPARSE_INVERTED_INDEX", metric_type="IP",
                         params={"inverted_index_algo": self.params.get("algo", "TAAT_NAIVE")})
         client.create_collection(name, schema=schema, index_params=index)
-        batch = 10000
-        for start in range(0, docs.shape[0], batch):
-            rows = []
-            for doc in range(start, min(start + batch, docs.shape[0])):
-                a, b = docs.indptr[doc], docs.indptr[doc + 1]
-                if b > a:  # Milvus rejects empty sparse vectors; they could never match anyway
-                    rows.append({"doc": doc, "vector": dict(zip(docs.indices[a:b].tolist(), docs.data[a:b].tolist()))})
+        for first, chunk in ordered_chunks(docs, order, 2000, self.release):  # a dict per row of a chunk only
+            indptr, indices, weights = chunk.indptr.tolist(), chunk.indices.tolist(), chunk.data.tolist()
+            rows = [{"doc": first + row, "vector": dict(zip(indices[a:b], weights[a:b]))}
+                    for row, (a, b) in enumerate(zip(indptr, indptr[1:]))
+                    if b > a]  # Milvus rejects empty sparse vectors; they could never match anyway
             if rows:
                 client.insert(name, rows)
         client.flush(name)
@@ -295,10 +376,10 @@ def config_params(engine: str, section) -> dict:
 
 
 def build(engine: str, doc_ids: list[str], doc_vectors, folder: str | Path, params: dict | None = None,
-          vocab: dict[str, int] | None = None) -> Engine:
+          vocab: dict[str, int] | None = None, release: bool = False) -> Engine:
     """Build an index of `doc_vectors` (dicts, or CSR with its `vocab`) into `folder`; returns the engine, ready to
-    search."""
-    return engine_class(engine)(params).build(doc_ids, doc_vectors, folder, vocab)
+    search. `release`: the engine may empty a CSR `doc_vectors` once it holds its own copy (`Engine.build`)."""
+    return engine_class(engine)(params).build(doc_ids, doc_vectors, folder, vocab, release)
 
 
 def load_info(folder: str | Path) -> dict:
@@ -314,6 +395,6 @@ def load(folder: str | Path, engine: str = "", params: dict | None = None) -> En
     if engine and engine != info["engine"]:
         raise InputError(f"{folder}: index was built with engine '{info['engine']}', not '{engine}'")
     cls = engine_class(info["engine"])
-    if not (folder / cls.marker).exists():
+    if not cls.found(folder):
         raise InputError(f"index not found: {folder} (no {cls.marker}; run index.py first)")
     return cls({**info["params"], **(params or {})}).open(folder)

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import torch
 
 from lsr_core.utils import InputError, atomic_write_json, check_id, read_json, read_jsonl
 
@@ -29,8 +28,8 @@ def shard_name(index: int) -> str:
     return f"part-{index:05d}.jsonl.gz"
 
 
-def prune(reps: torch.Tensor, topk: int = 0, threshold: float = 0.0):
-    """Sparsify a batch of dense vocabulary vectors.
+def prune(reps, topk: int = 0, threshold: float = 0.0):
+    """Sparsify a batch of dense vocabulary vectors (torch, not imported here: index.py and search.py load none).
 
     reps: [batch, vocab] non-negative. Keeps weights > threshold, and of those the `topk` largest (0 = all).
     Returns a list (one per row) of (token_ids int64 array, weights float32 array), ids sorted by weight descending.
@@ -48,7 +47,7 @@ def prune(reps: torch.Tensor, topk: int = 0, threshold: float = 0.0):
     return [(ids[i][keep[i]], values[i][keep[i]]) for i in range(reps.shape[0])]
 
 
-def kept_columns(keep: torch.Tensor) -> int:
+def kept_columns(keep) -> int:
     """How many leading columns of `keep` [batch, n] hold every True (with rows sorted by weight, the kept ones are
     a prefix; any pattern is covered)."""
     return int(keep.any(0).cumsum(0).argmax()) + 1 if keep.numel() else 0
@@ -190,7 +189,7 @@ def load_vectors(folder_or_file: str | Path) -> tuple[list[str], list[dict]]:
     return ids, vecs
 
 
-def load_csr(folder_or_file: str | Path, chunk: int = 10000, nnz_hint: int = 0):
+def load_csr(folder_or_file: str | Path, chunk: int = 1000, nnz_hint: int = 0):
     """`to_csr(load_vectors(...))` as (ids, CSR float32, vocab), same checks, no dict kept per vector: every `chunk`
     lines go into int32/float32 arrays with room for `nnz_hint` terms (grown by half when full; unwritten pages cost
     no memory), so a corpus costs about its CSR bytes, not ~20x that in Python objects."""
@@ -217,11 +216,11 @@ def load_csr(folder_or_file: str | Path, chunk: int = 10000, nnz_hint: int = 0):
         if len(ids) % chunk == 0:
             flush()
     flush()
-    indptr = np.zeros(len(ids) + 1, np.int64)
-    np.cumsum(lengths, out=indptr[1:])
-    if used < np.iinfo(np.int32).max:  # int32 indices and indptr keep scipy from upcasting both to int64
-        indptr = indptr.astype(np.int32)
-    return ids, sp.csr_matrix((data[:used], indices[:used], indptr), shape=(len(ids), max(len(vocab), 1))), vocab
+    index_dtype = np.int32 if used < 2**31 - 1 else np.int64  # int32 indptr: scipy keeps the int32 indices as they are
+    indptr = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(index_dtype)
+    mat = sp.csr_matrix((data[:used], indices[:used], indptr), shape=(len(ids), max(len(vocab), 1)))
+    mat.sort_indices()  # in place, row by row: the engines use it as it is (`engine_base.as_csr`), no sorted copy
+    return ids, mat, vocab
 
 
 def to_csr(vectors: list[dict], vocab: dict[str, int] | None = None):

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import yaml
 
 import index
@@ -227,6 +229,11 @@ def small_indexes(tmp_path_factory):
             out[name] = folder
         except RuntimeError:
             out[name] = None
+    legacy = tmp_path_factory.mktemp("exact-npz")  # the exact engine's layout before postings/: one docs.npz
+    shutil.copytree(out["exact"], legacy, dirs_exist_ok=True)
+    sp.save_npz(legacy / "docs.npz", sp.csr_matrix(engines.load(legacy).docs_t, copy=True), compressed=False)
+    shutil.rmtree(legacy / "postings")
+    out["exact-npz"] = legacy
     return out
 
 
@@ -253,8 +260,17 @@ CORRUPT_CASES = [  # engine, file (glob), damage, expected message after the fil
      r": corrupt index file \(expected a JSON list of strings\)" + REBUILD),
     ("exact", "vocab.json", garbage, r": not UTF-8 text" + REBUILD),
     ("exact", "vocab.json", lambda p: p.unlink(), r": file not found" + REBUILD),
-    ("exact", "docs.npz", truncate, r": corrupt index file \(.+\)" + REBUILD),
-    ("exact", "docs.npz", garbage, r": corrupt index file \(.+\)" + REBUILD),
+    ("exact", "postings/data.npy", truncate, r": corrupt index file \(.+\)" + REBUILD),
+    ("exact", "postings/indices.npy", garbage, r": corrupt index file \(.+\)" + REBUILD),
+    ("exact", "postings/indptr.npy", lambda p: p.unlink(), r": file not found" + REBUILD),
+    ("exact", "postings/indptr.npy", lambda p: np.save(p, np.arange(41, dtype=np.int32)),  # another vocab's rows
+     r": 40 token rows for \d+ tokens in vocab.json" + REBUILD),
+    ("exact", "postings/indptr.npy", lambda p: np.save(p, np.load(p) + 1), r": corrupt index file \(row pointers do "
+     r"not fit \d+ indices and \d+ weights\)" + REBUILD),
+    ("exact", "postings/data.npy", lambda p: np.save(p, np.load(p).astype(np.int32)),
+     r": corrupt index file \(a 1-d int32 array\)" + REBUILD),
+    ("exact-npz", "docs.npz", truncate, r": corrupt index file \(.+\)" + REBUILD),
+    ("exact-npz", "docs.npz", garbage, r": corrupt index file \(.+\)" + REBUILD),
     ("qdrant-edge", "qdrant/edge_config.json", garbage, r": corrupt index file \(.+\)" + REBUILD),
     ("qdrant-edge", "qdrant/segments/*/segment.json", truncate, r": corrupt index file \(.+\)" + REBUILD),
     ("qdrant-edge", "qdrant/segments/*/vector_storage-sparse/store/page_0.dat", garbage,
@@ -295,8 +311,9 @@ def test_search_names_a_corrupt_index_file(tmp_path):
     write_folder(tmp_path / "encode" / "queries", [("q1", {"tok1": 1.0})])
     base = [f"--exp.output_dir={tmp_path}", "--index.engine=exact"]
     index_dir = index.main(base)
-    truncate(index_dir / "docs.npz")
-    with pytest.raises(InputError, match=rf"^{re.escape(str(index_dir / 'docs.npz'))}: corrupt index file \(.+\); "
+    damaged = index_dir / "postings" / "data.npy"
+    truncate(damaged)
+    with pytest.raises(InputError, match=rf"^{re.escape(str(damaged))}: corrupt index file \(.+\); "
                                          rf"rebuild it with index.py$"):
         search.main(base)
     (index_dir / "meta.json").write_text("[1, 2")
@@ -369,8 +386,8 @@ from lsr_core import engines
 
 build, atomic_open = engines.ExactEngine._build, search.atomic_open
 
-def build_then_die(self, docs, folder):
-    build(self, docs, folder)
+def build_then_die(self, *args):
+    build(self, *args)
     os.kill(os.getpid(), signal.SIGKILL)
 
 @contextlib.contextmanager
@@ -398,7 +415,8 @@ def test_killed_index_and_search_leave_temp_files_the_next_run_removes(tmp_path)
         return list(tmp_path.glob(pattern))
 
     left = killed("index", f"index/.exact.tmp-{socket.gethostname()}-*")
-    assert len(left) == 1 and (left[0] / "docs.npz").is_file() and not (tmp_path / "index" / "exact").exists()
+    assert len(left) == 1 and (left[0] / "postings" / "indices.npy").is_file()
+    assert not (tmp_path / "index" / "exact").exists()
     index.main(base)
     assert sorted(p.name for p in (tmp_path / "index").iterdir()) == ["exact"]
 
