@@ -12,7 +12,7 @@ import pytest
 import index
 import search
 from lsr_core import engines
-from lsr_core.sparse import ShardWriter, load_csr, load_vectors, shard_name, to_csr
+from lsr_core.sparse import ShardWriter, flops_estimate, load_csr, load_vectors, shard_name, to_csr
 from lsr_core.utils import InputError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -127,6 +127,8 @@ def test_scale_bench_tiny_measures_every_engine_and_resumes(tmp_path):
 
     # The encoded query folder is one search.py accepts (meta.json, vocabulary hash) against index.py's index.
     queries = next(work.glob("queries-*"))
+    flops = flops_estimate(load_vectors(work / "docs-300" / "corpus")[1], load_vectors(queries)[1])
+    assert corpus["flops"] == round(flops, 3) > 0
     run = search.main([f"--search.index={work / 'docs-300' / 'index' / 'exact'}", f"--search.queries={queries}",
                        f"--search.output={tmp_path / 'run.trec'}", "--search.topk=10", "--search.latency_sample=0",
                        f"--exp.output_dir={tmp_path}"])
