@@ -107,7 +107,7 @@ class Kind:
     decodings: dict[str, Decoding]  # model.decoding -> how; the first is the default
     prompting: Prompting
     drops_special: tuple = ()  # heads that leave special tokens out of pooling under model.special_tokens=reference
-    text_options: bool = False  # model.echo and model.drop_bos apply (they edit the token rows)
+    text_options: bool = False  # model.echo, drop_bos (they edit the token rows) and bidirectional apply
     mlp_kaiming: bool = False  # the reference redraws a new MLP head's weight with kaiming_normal_ for ReLU
     packs: bool = False  # can run packed (`packing.enable_packing`)
 

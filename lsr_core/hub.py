@@ -144,7 +144,7 @@ def model_card(src: dict, repo: str, base: str = "") -> str:
     tags = ["learned-sparse-retrieval", "sparse-retrieval", "decoder-lsr", str(kind).replace("_", "-"), t.loss]
     front = ["---", "library_name: transformers"] + ([f"base_model: {base}"] if base else []) + \
         ["tags:"] + [f"- {tag}" for tag in dict.fromkeys(tags)] + ["---", ""]
-    decoder_only = kind == "decoder"
+    text_options = any(spec.get(key) for key in ("bidirectional", "echo", "drop_bos"))  # decoders' options, if set
     archs = ", ".join(src["hf_config"].get("architectures") or []) or None
     two = spec.get("shared") is False
     lines = front + [
@@ -163,10 +163,10 @@ def model_card(src: dict, repo: str, base: str = "") -> str:
         *_rows([("query head", HEAD_TEXT.get(spec.get("query_head"), spec.get("query_head"))),
                 ("document head", HEAD_TEXT.get(spec.get("doc_head"), spec.get("doc_head"))),
                 ("pooling over positions", spec.get("pooling")),
-                ("decoding", spec.get("decoding") if kind == "encoder_decoder" else None),  # the one kind with a choice
+                ("decoding", spec.get("decoding")),
                 ("special tokens", SPECIAL_TEXT.get(spec.get("special_tokens"), spec.get("special_tokens"))),
                 ("bidirectional / echo / drop BOS", f"{spec.get('bidirectional')} / {spec.get('echo')} / "
-                                                    f"{spec.get('drop_bos')}" if decoder_only else None),
+                                                    f"{spec.get('drop_bos')}" if text_options else None),
                 ("prefixes", f"query {json.dumps(spec.get('query_prefix'))}, document "
                              f"{json.dumps(spec.get('doc_prefix'))}"),
                 ("max length", f"query {spec.get('max_query_len')}, document {spec.get('max_doc_len')} tokens"),

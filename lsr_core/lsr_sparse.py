@@ -21,10 +21,14 @@ import transformers
 from safetensors.torch import load_file, save_file
 from sentence_transformers.sparse_encoder.modules import InputModule
 
+# this file stands alone (sentence-transformers loads it without our repository), so it keeps its own small tables
+# of the backbone kinds instead of lsr_core.backbones.KINDS; tests/e2e/test_st_export.py keeps them in step
 AUTO_CLASSES = {"encoder": "AutoModelForMaskedLM", "decoder": "AutoModelForCausalLM",
                 "encoder_decoder": "AutoModelForSeq2SeqLM"}
 DECODINGS = {"encoder": ("multi_token",), "decoder": ("multi_token",),
              "encoder_decoder": ("multi_token", "single_token", "encoder_only", "decoder_only")}
+INPUTS = {"encoder": "_encoder_inputs", "decoder": "_decoder_inputs", "encoder_decoder": "_seq2seq_inputs"}
+HIDDEN = {"encoder": "hidden_states", "decoder": "hidden_states", "encoder_decoder": "decoder_hidden_states"}
 MLP_FILE = "lsr_mlp_heads.safetensors"
 MERGE = {"query": "sum", "document": "amax"}  # how the MLP head merges the weights of a repeated token
 
@@ -151,22 +155,28 @@ class LSRSparse(InputModule):
             if mlp is None:
                 reps = out.logits
             else:
-                states = out.decoder_hidden_states if self.kind == "encoder_decoder" else out.hidden_states
+                states = getattr(out, HIDDEN[self.kind])
                 reps = self._mlp_pool(mlp, states[-1], ids, mask, role)
         features["sentence_embedding"] = reps
         return features
 
     def _inputs(self, ids: torch.Tensor, attn: torch.Tensor) -> dict:
-        if self.kind == "encoder":
-            return {"input_ids": ids, "attention_mask": attn}
-        if self.kind == "decoder":  # explicit positions; bidirectional: every position sees every non-pad one
-            inputs = {"input_ids": ids, "attention_mask": attn, "position_ids": (attn.cumsum(-1) - 1).clamp(min=0)}
-            if self.bidirectional:
-                dtype = self.backbone.get_input_embeddings().weight.dtype
-                keys = attn[:, None, None, :].bool().expand(-1, 1, ids.shape[1], -1)
-                inputs["attention_mask"] = torch.zeros(keys.shape, dtype=dtype, device=ids.device).masked_fill(
-                    ~keys, torch.finfo(dtype).min)
-            return inputs
+        return getattr(self, INPUTS[self.kind])(ids, attn)
+
+    def _encoder_inputs(self, ids: torch.Tensor, attn: torch.Tensor) -> dict:
+        return {"input_ids": ids, "attention_mask": attn}
+
+    def _decoder_inputs(self, ids: torch.Tensor, attn: torch.Tensor) -> dict:
+        """Explicit positions; bidirectional: every position sees every non-pad one."""
+        inputs = {"input_ids": ids, "attention_mask": attn, "position_ids": (attn.cumsum(-1) - 1).clamp(min=0)}
+        if self.bidirectional:
+            dtype = self.backbone.get_input_embeddings().weight.dtype
+            keys = attn[:, None, None, :].bool().expand(-1, 1, ids.shape[1], -1)
+            inputs["attention_mask"] = torch.zeros(keys.shape, dtype=dtype, device=ids.device).masked_fill(
+                ~keys, torch.finfo(dtype).min)
+        return inputs
+
+    def _seq2seq_inputs(self, ids: torch.Tensor, attn: torch.Tensor) -> dict:
         if self.decoding == "single_token":  # one decoder step from the start token
             start = torch.full((ids.shape[0], 1), self.backbone.config.decoder_start_token_id, device=ids.device)
             return {"input_ids": ids, "attention_mask": attn, "decoder_input_ids": start}

@@ -47,7 +47,7 @@ def read_spec(model_folder: Path) -> LSRSpec:
 def uses_st_modules(spec: LSRSpec, projection_has_bias: bool) -> bool:
     """Whether Transformer(fill-mask) + SpladePooling computes our vectors: an MLM encoder on both sides, pooling
     every non-pad position (SpladePooling masks by the attention mask only), and a shift the decoder bias can hold."""
-    return (spec.kind == "encoder" and spec.query_head == spec.doc_head == "mlm"
+    return (KINDS[spec.kind].auto_class == "AutoModelForMaskedLM" and spec.query_head == spec.doc_head == "mlm"
             and not drops_special_tokens(spec, "mlm") and (projection_has_bias or not spec.logit_shift))
 
 
@@ -134,10 +134,10 @@ def _lsr_module(module_class, model, spec: LSRSpec, backbone, tasks: list[str]):
     heads = {"query": spec.query_head, "document": spec.doc_head}
     roles = {task: {"head": heads[task], "max_length": spec.max_query_len if task == "query" else spec.max_doc_len,
                     "drop_special": drops_special_tokens(spec, heads[task])} for task in tasks}
-    text_options = KINDS[spec.kind].text_options
+    text_options = KINDS[spec.kind].text_options  # the kind's inputs read echo, drop_bos and bidirectional
     decoding = decoding_of(spec)
     return module_class(kind=spec.kind, decoding=spec.decoding, roles=roles, pooling=spec.pooling,
                         logit_shift=spec.logit_shift, pools_shifted=decoding.pools_shifted,
-                        one_step=decoding.one_step, bidirectional=spec.bidirectional and spec.kind == "decoder",
+                        one_step=decoding.one_step, bidirectional=spec.bidirectional and text_options,
                         echo=spec.echo and text_options, drop_bos=spec.drop_bos and text_options, backbone=backbone,
                         tokenizer=model.tokenizer, mlps={"query": model.query_mlp, "document": model.doc_mlp})

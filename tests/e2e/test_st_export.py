@@ -138,7 +138,10 @@ def test_module_file_covers_every_kind_and_decoding():
     from lsr_core.backbones import KINDS
     from lsr_core.st_export import _module_file
 
-    assert {kind: tuple(row.decodings) for kind, row in KINDS.items()} == _module_file().DECODINGS
+    module = _module_file()
+    assert {kind: tuple(row.decodings) for kind, row in KINDS.items()} == module.DECODINGS
+    assert {kind: row.auto_class for kind, row in KINDS.items()} == module.AUTO_CLASSES
+    assert set(KINDS) == set(module.INPUTS) == set(module.HIDDEN)
 
 
 def test_bad_input(tiny, tmp_path, capsys):
