@@ -237,7 +237,7 @@ def test_texts_cut_at_the_max_length_are_counted(tiny, tmp_path, caplog, capsys,
     (dest / "meta.json").unlink()
     encode.main(argv)
     assert read_meta(dest)["truncated"] == expected
-    assert f"(4 this run" in capsys.readouterr().out
+    assert "(4 this run" in capsys.readouterr().out
     if extra:
         return
     # a shard's counts: torn -> an error naming the file; missing (an older encode.py) -> not counted, said so
