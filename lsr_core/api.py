@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-KINDS = {"query": True, "document": False, "doc": False}  # kind -> is_query
+IS_QUERY = {"query": True, "document": False, "doc": False}  # encode(kind=...) -> encodes queries
 
 
 class Encoder:
@@ -39,14 +39,14 @@ class Encoder:
         from lsr_core.pipeline import check_finite, encode_shard
         from lsr_core.sparse import prune, to_vector
 
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
+        if kind not in IS_QUERY:
+            raise ValueError(f"kind must be one of {sorted(IS_QUERY)}, got {kind!r}")
         if isinstance(texts, str):
             raise TypeError("texts must be a list of strings, not one string")
         texts = list(texts)
         vectors: list[dict | None] = [None] * len(texts)
         with tqdm(total=len(texts), disable=True) as progress:  # encode_shard reports progress to it
-            for positions, reps in encode_shard(self.model, texts, KINDS[kind], batch_size, progress):
+            for positions, reps in encode_shard(self.model, texts, IS_QUERY[kind], batch_size, progress):
                 check_finite(reps, [str(p) for p in positions], "encode")
                 for pos, (token_ids, weights) in zip(positions, prune(reps, topk, threshold)):
                     vectors[pos] = to_vector(token_ids, weights, self.vocab, quant_scale)
