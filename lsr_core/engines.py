@@ -15,8 +15,8 @@ ids.json, vocab.json, and the engine's own files: exact postings/ (older indexes
 seismic index.index.seismic | milvus milvus.db (milvus-lite) or a cluster URI. `load` turns a missing or corrupt
 file, or one that holds another number of docs than engine.json records, into an InputError naming it.
 
-The `Engine` interface and what every engine shares are in lsr_core/engine_base.py; a new engine is a subclass here
-and an entry in `ENGINES` (its build/search params: `<prefix>_<key>` fields of the index and search config sections).
+A new engine: an `Engine` subclass (lsr_core/engine_base.py) here in `ENGINES`, its params `<prefix>_<key>` fields of
+the index and search config sections.
 """
 from __future__ import annotations
 
@@ -28,8 +28,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from lsr_core.engine_base import (REBUILD, Engine, EngineUnavailable, one_line, ordered_chunks, parallel_rows,
-                                  read_info)
+from lsr_core.engine_base import REBUILD, Engine, EngineUnavailable, one_line, ordered_chunks, parallel_rows, read_info
 from lsr_core.utils import InputError
 
 logger = logging.getLogger(__name__)
@@ -237,6 +236,7 @@ class SeismicEngine(Engine):
                                         chunk.indptr.astype(np.int64))
         params = {**self.build_defaults, **{k: v for k, v in self.params.items() if k in self.build_defaults}}
         self.index = index_cls.build_from_dataset(dataset, **params)
+        del dataset  # the index copied the documents: free ours before save() needs room for its own buffers
         self.index.save(str(folder / "index"))
 
     def _open(self, folder):
