@@ -13,30 +13,17 @@ import encode
 import evaluate
 import index
 import search
-import train
 from lsr_core.sparse import DOC_FREQS, doc_freqs, flops_estimate, load_vectors, read_doc_freqs, read_meta
 from lsr_core.utils import InputError
-from lsr_core.tiny import make_collection, make_model
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINES = ["exact", "qdrant-edge", "seismic", "milvus"]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(train_tiny):
     """A tiny BERT fine-tuned for a few steps, with the collection it was trained on."""
-    root = tmp_path_factory.mktemp("chain")
-    col = make_collection(root / "data")
-    model = make_model(root / "bert", "bert", col["words"])
-    out = root / "run"
-    train.main(["--cfg", str(ROOT / "yamls/tiny/bert_mlm.yaml"), f"--model.name_or_path={model}",
-                f"--exp.output_dir={out}", f"--data.train_file={root}/data/train.jsonl",
-                f"--data.corpus={root}/data/corpus.jsonl", f"--data.queries={root}/data/queries.jsonl",
-                "--train.max_steps=60", "--model.dtype=float32", '--train.mixed_precision="no"'])  # whatever the CPU
-    encode.main([f"--exp.output_dir={out}", f"--encode.input={root}/data/corpus.jsonl", "--encode.kind=doc",
-                 "--encode.shard_size=20"])
-    encode.main([f"--exp.output_dir={out}", f"--encode.input={root}/data/queries.jsonl", "--encode.kind=query"])
-    return root, out
+    return train_tiny("chain", 60, shard_size=20)
 
 
 def ranked(run_file: Path) -> dict:

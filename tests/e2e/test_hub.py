@@ -9,36 +9,23 @@ from pathlib import Path
 
 import pytest
 
-import encode
 import evaluate
 import index
 import lsr_core
 import search
-import train
 from lsr_core import hub
 from lsr_core.config import ConfigError
 from lsr_core.metrics import read_run
 from lsr_core.sparse import load_vectors
-from lsr_core.tiny import make_collection, make_model
 from lsr_core.utils import InputError, load_texts
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(train_tiny):
     """(collection folder, train.py output folder) after the whole chain, 5 steps of training, exact engine."""
-    root = tmp_path_factory.mktemp("hub")
-    col = make_collection(root / "data")
-    model = make_model(root / "bert", "bert", col["words"])
-    out = root / "run"
-    train.main(["--cfg", str(ROOT / "yamls/tiny/bert_mlm.yaml"), f"--model.name_or_path={model}",
-                f"--exp.output_dir={out}", f"--data.train_file={root}/data/train.jsonl",
-                f"--data.corpus={root}/data/corpus.jsonl", f"--data.queries={root}/data/queries.jsonl",
-                "--train.max_steps=5", "--train.d_reg_weight=0.002", "--model.dtype=float32",
-                '--train.mixed_precision="no"'])
-    encode.main([f"--exp.output_dir={out}", f"--encode.input={root}/data/corpus.jsonl", "--encode.kind=doc"])
-    encode.main([f"--exp.output_dir={out}", f"--encode.input={root}/data/queries.jsonl", "--encode.kind=query"])
+    root, out = train_tiny("hub", 5, "--train.d_reg_weight=0.002")
     index.main([f"--exp.output_dir={out}", "--index.engine=exact"])
     search.main([f"--exp.output_dir={out}", "--search.engine=exact", f"--search.output={out}/search/tiny.trec"])
     evaluate.main(["--qrels", f"{root}/data/qrels.tsv", "--run", f"{out}/search/tiny.trec", "--out", f"{out}/eval"])
