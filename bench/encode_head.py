@@ -21,6 +21,7 @@ autotuning happens in the warm-up). Max |difference| of triton and naive against
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -139,7 +140,7 @@ def main(argv=None):
                         torch.cuda.synchronize()
                         torch.cuda.reset_peak_memory_stats()
                     base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
-                    ms = timed(lambda: head(feats, weight, bias, mask), device, args.warmup, args.repeats)
+                    ms = timed(functools.partial(head, feats, weight, bias, mask), device, args.warmup, args.repeats)
                     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else 0.0
                     tile = head_kernel.autotuned_tiles().get("last") \
                         if triton_ok and system in ("triton", "packed") else None
