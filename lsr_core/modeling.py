@@ -280,6 +280,24 @@ def compile_blocks(backbone: nn.Module, mode: str, scope: str = "stack") -> None
             backbone.get_submodule(name.rpartition(".")[0]).compile(mode=mode)
 
 
+def read_spec(folder: Path, runtime: dict | None = None) -> LSRSpec:
+    """The LSRSpec of a folder saved by `SparseModel.save` (its lsr_config.json), with `runtime`'s RUNTIME_FIELDS
+    (a saved folder's are not used); anything else is a one-line ModelLoadError naming the file."""
+    path = folder / LSR_CONFIG
+    if not path.is_file():
+        raise ModelLoadError(f"{folder}: not a model folder saved by train.py (no {LSR_CONFIG})")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"{path}: not valid JSON ({err})") from None
+    data = {k: v for k, v in data.items() if k not in RUNTIME_FIELDS}
+    data.setdefault("special_tokens", "keep")  # a folder saved before the key existed pooled them (MLM heads)
+    unknown = set(data) - {f.name for f in fields(LSRSpec)}
+    if unknown:
+        raise ModelLoadError(f"{path}: unknown keys {sorted(unknown)}")
+    return LSRSpec(**data, **(runtime or {}))
+
+
 def build_model(mcfg, training: bool = False, max_lengths: dict[str, int] | None = None) -> SparseModel:
     """Build a SparseModel from `cfg.model`: a folder saved by `SparseModel.save` (its lsr_config.json decides
     everything about the heads), or any HF backbone (the model section decides). `max_lengths` ({"max_query_len":
@@ -288,18 +306,9 @@ def build_model(mcfg, training: bool = False, max_lengths: dict[str, int] | None
     if not name:
         raise ModelLoadError("model.name_or_path is empty")
     name = model_folder(name)  # a repository decoder-lsr pushed: its snapshot, so its lsr_config.json decides
-    saved = Path(name) / LSR_CONFIG
-    if saved.is_file():
-        data = json.loads(saved.read_text())
-        data = {k: v for k, v in data.items() if k not in RUNTIME_FIELDS}
-        data.setdefault("special_tokens", "keep")  # a folder saved before the key existed pooled them (MLM heads)
-        unknown = set(data) - {f.name for f in fields(LSRSpec)}
-        if unknown:
-            raise ModelLoadError(f"{saved}: unknown keys {sorted(unknown)}")
-        # what the model computes comes from the folder; how this run computes it, from the model section
-        spec = LSRSpec(**data, **{key: getattr(mcfg, key) for key in RUNTIME_FIELDS})
-    else:
-        spec = None
+    # what the model computes comes from a saved folder; how this run computes it, from the model section
+    saved = (Path(name) / LSR_CONFIG).is_file()
+    spec = read_spec(Path(name), {key: getattr(mcfg, key) for key in RUNTIME_FIELDS}) if saved else None
     # a folder saved by SparseModel.save holds plain HF weights, even when training started from a GGUF file
     gguf_file = "" if spec is not None else mcfg.gguf_file
     load_kw = dict(gguf_file=gguf_file, dtype=mcfg.dtype, trust_remote_code=mcfg.trust_remote_code,
@@ -328,7 +337,7 @@ def build_model(mcfg, training: bool = False, max_lengths: dict[str, int] | None
         tokenizer.padding_side = "right"
     if training:
         q_backbone, d_backbone = prepare_for_training(mcfg, q_backbone, d_backbone)
-    mlps = _load_mlp_heads(Path(name)) if saved.is_file() else {}
+    mlps = _load_mlp_heads(Path(name)) if saved else {}
     packs = not training and all([enable_packing(backbone, spec.kind, mcfg.packed, mcfg.attention_kernel)
                                   for backbone in dict.fromkeys([q_backbone, d_backbone])])
     if mcfg.compile != "none":

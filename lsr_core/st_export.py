@@ -17,31 +17,14 @@ import importlib.util
 import json
 import shutil
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 from lsr_core.backbones import KINDS, ModelLoadError, decoding_of
-from lsr_core.modeling import LSR_CONFIG, LSRSpec
+from lsr_core.modeling import LSRSpec, read_spec
 from lsr_core.tokenizing import drops_special_tokens
 
 MODULE_FILE = Path(__file__).with_name("lsr_sparse.py")
 ROLES = {"query": "query", "document": "doc"}  # sentence-transformers' task -> our role name
-
-
-def read_spec(model_folder: Path) -> LSRSpec:
-    """The LSRSpec of a folder saved by train.py; a one-line ModelLoadError for anything else."""
-    path = model_folder / LSR_CONFIG
-    if not path.is_file():
-        raise ModelLoadError(f"{model_folder}: not a model folder saved by train.py (no {LSR_CONFIG})")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ModelLoadError(f"{path}: not valid JSON ({err})") from None
-    data.setdefault("special_tokens", "keep")  # as build_model reads a folder saved before the key existed
-    unknown = set(data) - {f.name for f in fields(LSRSpec)}
-    if unknown:
-        raise ModelLoadError(f"{path}: unknown keys {sorted(unknown)}")
-    return LSRSpec(**data)
 
 
 def uses_st_modules(spec: LSRSpec, projection_has_bias: bool) -> bool:
