@@ -62,7 +62,6 @@ def load(name_or_path: str | Path, *overrides: str, device: str | None = None) -
     import torch
 
     from lsr_core.config import load_config
-    from lsr_core.hub import model_folder
     from lsr_core.inputs import local_path, resolve_model_path
     from lsr_core.modeling import build_model
 
@@ -72,7 +71,7 @@ def load(name_or_path: str | Path, *overrides: str, device: str | None = None) -
         name, why, _ = resolve_model_path(cfg)
     else:
         cfg = load_config(list(overrides))
-        name, why = model_folder(str(name_or_path)), "given"
+        name, why = str(name_or_path), "given"  # a pushed hub repository: build_model fetches its snapshot
     cfg.model.name_or_path = local_path(name)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and cfg.model.dtype == "float32":
