@@ -38,6 +38,11 @@ SPECIAL_TEXT = {"reference": "reference: [CLS], [SEP] and BOS left out of MLM po
                 "keep": "keep: pooled like every other position (sentence-transformers' SPLADE)"}
 
 
+def is_hub_name(name: str) -> bool:
+    """`owner/name` that is not a local path: a Hub repository."""
+    return bool(HUB_ID.match(name)) and not Path(name).exists()
+
+
 def number(value) -> str:
     """A value as the card prints it: the shortest text that reads back as the same float."""
     return repr(float(value)) if type(value) in (int, float) else "—"
@@ -128,7 +133,7 @@ def base_model(cfg, given: str = "") -> str:
     if given:
         return given
     name = cfg.model.name_or_path
-    return name if HUB_ID.match(name) and not Path(name).exists() else ""
+    return name if is_hub_name(name) else ""
 
 
 def _rows(pairs) -> list[str]:
@@ -285,7 +290,7 @@ def model_folder(name: str) -> str:
     """A hub repository that decoder-lsr pushed (it holds lsr_config.json) -> its local snapshot, so that the model
     loads with its own heads and pooling (`modeling.build_model` reads lsr_config.json from a folder); a local path,
     a `pkg:` name or a hub repository without lsr_config.json (a plain backbone) is returned unchanged."""
-    if not HUB_ID.match(name) or Path(name).exists():
+    if not is_hub_name(name):
         return name
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
