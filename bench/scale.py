@@ -284,12 +284,10 @@ def measure(n_docs: int, engine: str, corpus: Path, queries: Path, work: Path, c
     logs.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "index.py", f"--index.input={corpus}", f"--index.output={index_dir}",
            f"--index.engine={engine}", f"--exp.output_dir={work / 'exp'}"]
-    settings = [{}]
+    settings, base = [{}], {"docs": n_docs, "engine": engine, "csr_bytes": csr_bytes}
     if engine == "seismic":
         cmd += [f"--index.seismic_{k}={v}" for k, v in args.seismic_build.items()]
         settings = [{"query_cut": qc, "heap_factor": hf} for qc, hf in args.seismic_sweep]
-    base = {"docs": n_docs, "engine": engine, "csr_bytes": csr_bytes}
-    if engine == "seismic":
         base["build_params"] = args.seismic_build
     built = run_measured(cmd, logs / f"{engine}-index.log", args.step_timeout)
     if built["status"] != 0:
