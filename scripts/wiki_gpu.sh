@@ -30,11 +30,7 @@ pack() {  # here, CPU: build .gpu/a and .gpu/b from the installed packages and d
   for f in corpus.jsonl queries.train.jsonl queries.test.jsonl train.bm25.jsonl; do
     gzip -6 -c data/wiki/$f > .gpu/a/data/$f.gz
   done
-  $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform any -d .gpu/a/whl gguf==0.19.0
-  # orjson (lsr_core.utils parses JSON lines with it) is not in the GPU image
-  $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_17_x86_64 -d .gpu/a/whl orjson==3.13.0
+  source scripts/gpu_wheels.sh && gpu_wheels $PY .gpu/a/whl
   $PY - <<'EOF'
 import json, zlib, torch, numpy as np, shutil
 from pathlib import Path
