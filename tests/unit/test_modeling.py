@@ -393,3 +393,13 @@ def test_config_choices_are_the_kinds_table():
     assert sorted(CHOICES["model.decoding"]) == sorted({d for row in KINDS.values() for d in row.decodings})
     assert set(TOKENIZERS) == set(KINDS)
     assert all(next(iter(row.decodings)) == "multi_token" for row in KINDS.values())  # ModelConfig's default
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"kind": "encoder", "pooling', r"lsr_config.json: not valid JSON \("),
+    ('{"kind": "encoder", "poolng": "max"}', r"lsr_config.json: unknown keys \['poolng'\]"),
+])
+def test_a_damaged_saved_config_is_one_line_naming_it(tmp_path, text, message):
+    (tmp_path / "lsr_config.json").write_text(text)
+    with pytest.raises(ModelLoadError, match=message):
+        build_model(ModelConfig(name_or_path=str(tmp_path)))
